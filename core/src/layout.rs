@@ -1,0 +1,335 @@
+//! Which counters a subject holds and where each lives in its state words.
+//!
+//! A subject's state is a flat `[u64]`; its [`Layout`] names the counter (the *slot*)
+//! at each offset. A slot is identified by its limit name and its [`Shape`]
+//! (algorithm, unit, window): usage carries over between plans exactly when both match.
+//! Layouts are interned ([`LayoutInterner`]) so that a million subjects on one plan
+//! share one layout, and the common call checks layout identity with a pointer compare.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::codec::{bad, DecodeError, Reader, Writer};
+use crate::spec::{is_valid_name, MAX_PRECISION};
+use crate::time::{FixedWindow, Span, MAX_WINDOW_MONTHS, MAX_WINDOW_MS};
+
+/// Most slots one subject may hold (limits of every plan that charged it recently).
+pub const MAX_SLOTS: usize = 256;
+
+/// The algorithm, unit and window of a counter: what must match for usage to carry over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// One word: usage in the window holding the subject's `updated_ms`.
+    Fixed { window: FixedWindow },
+    /// `precision + 1` words: a ring of slice totals.
+    Sliding { window_ms: u64, precision: u32 },
+    /// Three words: the instant of the last update, then the debt as a `u128`
+    /// (low word first) in unit-milliseconds (see [`crate::bucket`]).
+    Bucket { window_ms: u64 },
+    /// One word: leases in flight (the lease table holds which).
+    Concurrency,
+}
+
+impl Shape {
+    pub fn words(&self) -> usize {
+        match *self {
+            Shape::Fixed { .. } | Shape::Concurrency => 1,
+            Shape::Sliding { precision, .. } => precision as usize + 1,
+            Shape::Bucket { .. } => 3,
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        match *self {
+            Shape::Fixed { window } => match window.span() {
+                Span::Millis(ms) => {
+                    w.u8(1);
+                    w.varint(ms);
+                }
+                Span::Months(n) => {
+                    w.u8(2);
+                    w.varint(u64::from(n));
+                }
+            },
+            Shape::Sliding {
+                window_ms,
+                precision,
+            } => {
+                w.u8(3);
+                w.varint(window_ms);
+                w.varint(u64::from(precision));
+            }
+            Shape::Bucket { window_ms } => {
+                w.u8(4);
+                w.varint(window_ms);
+            }
+            Shape::Concurrency => w.u8(5),
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Shape, DecodeError> {
+        let window_ms = |r: &mut Reader<'_>| match r.varint()? {
+            ms @ 1..=MAX_WINDOW_MS => Ok(ms),
+            ms => bad(format!("window of {ms}ms out of range")),
+        };
+        Ok(match r.u8()? {
+            1 => Shape::Fixed {
+                window: FixedWindow::new(Span::Millis(window_ms(r)?)),
+            },
+            2 => match r.varint()? {
+                n @ 1..=120 if n <= u64::from(MAX_WINDOW_MONTHS) => Shape::Fixed {
+                    window: FixedWindow::new(Span::Months(n as u32)),
+                },
+                n => return bad(format!("window of {n} months out of range")),
+            },
+            3 => {
+                let window_ms = window_ms(r)?;
+                match r.varint()? {
+                    p @ 1..=600 if p <= u64::from(MAX_PRECISION) && p <= window_ms => {
+                        Shape::Sliding {
+                            window_ms,
+                            precision: p as u32,
+                        }
+                    }
+                    p => return bad(format!("precision {p} out of range")),
+                }
+            }
+            4 => Shape::Bucket {
+                window_ms: window_ms(r)?,
+            },
+            5 => Shape::Concurrency,
+            tag => return bad(format!("unknown shape tag {tag}")),
+        })
+    }
+}
+
+/// One counter of a subject: a limit name, the unit it counts and its shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Slot {
+    /// Shared with reservations that charged this slot (cloning is a refcount bump).
+    pub name: Arc<str>,
+    pub unit: Box<str>,
+    pub shape: Shape,
+}
+
+/// The slots of a subject, in order, with the word offset of each.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Layout {
+    slots: Box<[Slot]>,
+    offsets: Box<[usize]>,
+    words: usize,
+}
+
+impl Layout {
+    pub fn new(slots: Vec<Slot>) -> Layout {
+        let mut offsets = Vec::with_capacity(slots.len());
+        let mut words = 0;
+        for slot in &slots {
+            offsets.push(words);
+            words += slot.shape.words();
+        }
+        Layout {
+            slots: slots.into_boxed_slice(),
+            offsets: offsets.into_boxed_slice(),
+            words,
+        }
+    }
+
+    pub fn empty() -> Layout {
+        Layout::new(Vec::new())
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Total state words of a subject with this layout.
+    pub fn words(&self) -> usize {
+        self.words
+    }
+
+    /// The word range of slot `i`.
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        match (self.offsets.get(i), self.slots.get(i)) {
+            (Some(&start), Some(slot)) => start..start + slot.shape.words(),
+            _ => 0..0,
+        }
+    }
+
+    /// The index of the slot named `name`, if any.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| &*s.name == name)
+    }
+
+    pub fn encode(&self, w: &mut Writer) {
+        w.varint(self.slots.len() as u64);
+        for slot in self.slots.iter() {
+            w.str(&slot.name);
+            w.str(&slot.unit);
+            slot.shape.encode(w);
+        }
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Layout, DecodeError> {
+        let n = r.count(MAX_SLOTS)?;
+        let mut slots: Vec<Slot> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = r.str()?;
+            let unit = r.str()?;
+            if !is_valid_name(name) || !is_valid_name(unit) {
+                return bad("invalid slot name or unit");
+            }
+            if slots.iter().any(|s| &*s.name == name) {
+                return bad(format!("slot '{name}' appears twice"));
+            }
+            let shape = Shape::decode(r)?;
+            slots.push(Slot {
+                name: Arc::from(name),
+                unit: unit.into(),
+                shape,
+            });
+        }
+        Ok(Layout::new(slots))
+    }
+}
+
+/// Shares equal layouts. Entries only the interner still holds are dropped as the
+/// table grows, so it stays proportional to the layouts in use.
+#[derive(Debug, Default)]
+pub struct LayoutInterner {
+    table: HashSet<Arc<Layout>>,
+    prune_at: usize,
+}
+
+impl LayoutInterner {
+    pub fn new() -> Self {
+        LayoutInterner {
+            table: HashSet::new(),
+            prune_at: 64,
+        }
+    }
+
+    pub fn intern(&mut self, layout: Layout) -> Arc<Layout> {
+        if let Some(shared) = self.table.get(&layout) {
+            return Arc::clone(shared);
+        }
+        if self.table.len() >= self.prune_at {
+            self.table.retain(|l| Arc::strong_count(l) > 1);
+            self.prune_at = (self.table.len() * 2).max(64);
+        }
+        let shared = Arc::new(layout);
+        self.table.insert(Arc::clone(&shared));
+        shared
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(name: &str, shape: Shape) -> Slot {
+        Slot {
+            name: Arc::from(name),
+            unit: "request".into(),
+            shape,
+        }
+    }
+
+    #[test]
+    fn offsets_follow_shape_sizes() {
+        let layout = Layout::new(vec![
+            slot(
+                "a",
+                Shape::Fixed {
+                    window: FixedWindow::new(Span::Millis(1000)),
+                },
+            ),
+            slot(
+                "b",
+                Shape::Sliding {
+                    window_ms: 60_000,
+                    precision: 10,
+                },
+            ),
+            slot("c", Shape::Bucket { window_ms: 1000 }),
+        ]);
+        assert_eq!(layout.range(0), 0..1);
+        assert_eq!(layout.range(1), 1..12);
+        assert_eq!(layout.range(2), 12..15);
+        assert_eq!(layout.words(), 15);
+        assert_eq!(layout.range(3), 0..0);
+        assert_eq!(layout.position("c"), Some(2));
+    }
+
+    #[test]
+    fn interning_shares_equal_layouts() {
+        let mut interner = LayoutInterner::new();
+        let make = || Layout::new(vec![slot("a", Shape::Concurrency)]);
+        let first = interner.intern(make());
+        let second = interner.intern(make());
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(interner.len(), 1);
+    }
+
+    #[test]
+    fn interner_drops_layouts_nobody_holds() {
+        let mut interner = LayoutInterner::new();
+        for i in 0..1000 {
+            let _ = interner.intern(Layout::new(vec![slot(
+                &format!("l{i}"),
+                Shape::Concurrency,
+            )]));
+        }
+        assert!(interner.len() <= 128, "held {} layouts", interner.len());
+    }
+
+    #[test]
+    fn layouts_round_trip_and_reject_garbage() {
+        let layout = Layout::new(vec![
+            slot(
+                "m",
+                Shape::Fixed {
+                    window: FixedWindow::new(Span::Months(1)),
+                },
+            ),
+            slot(
+                "w",
+                Shape::Fixed {
+                    window: FixedWindow::new(Span::Millis(604_800_000)),
+                },
+            ),
+            slot(
+                "s",
+                Shape::Sliding {
+                    window_ms: 60_000,
+                    precision: 6,
+                },
+            ),
+            slot("b", Shape::Bucket { window_ms: 1000 }),
+            slot("c", Shape::Concurrency),
+        ]);
+        let mut w = Writer::new();
+        layout.encode(&mut w);
+        let buf = w.into_inner();
+        assert_eq!(Layout::decode(&mut Reader::new(&buf)), Ok(layout));
+        for cut in 0..buf.len() {
+            assert!(Layout::decode(&mut Reader::new(&buf[..cut])).is_err());
+        }
+    }
+}

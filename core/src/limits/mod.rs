@@ -1,0 +1,114 @@
+//! The three metering algorithms, as pure functions over a slot's state words.
+//!
+//! Vocabulary, used the same way everywhere:
+//! - *capacity*: the most a limit admits (per window, or the bucket's burst);
+//! - *used*: what counts against the capacity at an instant;
+//! - *remaining*: `capacity - used`, never below zero;
+//! - *retry after*: the shortest wait after which the same call would be admitted if
+//!   nothing else were charged — exact, rounded up to the millisecond, never early;
+//! - *reset*: the wait until the limit is back to full capacity with no further use;
+//! - *idle at*: the instant from which the state words are all zero again, i.e. the
+//!   slot can be forgotten (it drives the key's expiry).
+//!
+//! Every function takes the instant `now` explicitly (the injected clock). Callers
+//! guarantee `now >= updated`, the subject's high-water mark, so a clock that steps
+//! backwards is seen as time standing still and never admits more.
+
+pub mod bucket;
+pub mod fixed;
+pub mod sliding;
+
+/// Whether a cost can be admitted, and if not, when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Now,
+    /// Admitted after this many milliseconds if nothing else is charged.
+    After(u64),
+    /// Never, under this limit: the cost exceeds its capacity.
+    Never,
+}
+
+impl Admission {
+    pub fn is_now(self) -> bool {
+        self == Admission::Now
+    }
+
+    /// The later of two admissions: a call is admitted when every limit admits it.
+    pub fn and(self, other: Admission) -> Admission {
+        match (self, other) {
+            (Admission::Never, _) | (_, Admission::Never) => Admission::Never,
+            (Admission::After(a), Admission::After(b)) => Admission::After(a.max(b)),
+            (Admission::After(a), Admission::Now) | (Admission::Now, Admission::After(a)) => {
+                Admission::After(a)
+            }
+            (Admission::Now, Admission::Now) => Admission::Now,
+        }
+    }
+
+    /// `retry_after_ms` as replied: 0 now, -1 never.
+    pub fn retry_after_ms(self) -> i64 {
+        match self {
+            Admission::Now => 0,
+            Admission::After(ms) => i64::try_from(ms).unwrap_or(i64::MAX),
+            Admission::Never => -1,
+        }
+    }
+}
+
+/// `used` has reached `pct`% of `capacity` (and something has been used).
+pub fn past_warn(used: u128, capacity: u128, pct: Option<u8>) -> bool {
+    match pct {
+        Some(pct) => {
+            used > 0 && used.saturating_mul(100) >= capacity.saturating_mul(u128::from(pct))
+        }
+        None => false,
+    }
+}
+
+/// `ceil(a / b)` for `b > 0`.
+pub(crate) fn div_ceil(a: u128, b: u128) -> u128 {
+    if b == 0 {
+        return u128::MAX;
+    }
+    a / b + u128::from(!a.is_multiple_of(b))
+}
+
+/// Clamps a `u128` into `u64`.
+pub(crate) fn to_u64(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admissions_combine_to_the_latest() {
+        assert_eq!(Admission::Now.and(Admission::After(5)), Admission::After(5));
+        assert_eq!(
+            Admission::After(9).and(Admission::After(5)),
+            Admission::After(9)
+        );
+        assert_eq!(Admission::After(9).and(Admission::Never), Admission::Never);
+        assert_eq!(Admission::Now.and(Admission::Now), Admission::Now);
+        assert_eq!(Admission::Never.retry_after_ms(), -1);
+        assert_eq!(Admission::After(u64::MAX).retry_after_ms(), i64::MAX);
+    }
+
+    #[test]
+    fn warn_needs_some_use_and_the_threshold() {
+        assert!(!past_warn(0, 0, Some(80)));
+        assert!(!past_warn(79, 100, Some(80)));
+        assert!(past_warn(80, 100, Some(80)));
+        assert!(!past_warn(100, 100, None));
+        assert!(past_warn(u128::MAX, u128::MAX, Some(100)));
+    }
+
+    #[test]
+    fn div_ceil_rounds_up() {
+        assert_eq!(div_ceil(10, 5), 2);
+        assert_eq!(div_ceil(11, 5), 3);
+        assert_eq!(div_ceil(0, 5), 0);
+        assert_eq!(div_ceil(1, 0), u128::MAX);
+    }
+}

@@ -1,0 +1,673 @@
+//! Plans: named sets of limits, shaped and edited like Redis hashes, and the registry
+//! that holds them all.
+//!
+//! A plan keeps its fields exactly as set (for `RL.PLAN.GET`) next to the compiled
+//! limits. Two field names are reserved: `fallback <plan>` and `mode enforce|shadow`.
+//! Every change is validated as a whole before anything is replaced, so a refused
+//! change leaves the registry as it was.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::codec::{bad, DecodeError, Reader, Writer};
+use crate::layout::{Layout, LayoutInterner, Shape, Slot};
+use crate::spec::{is_valid_name, parse_limit_spec, LimitSpec, Rule};
+
+/// Most limits one plan may hold.
+pub const MAX_LIMITS: usize = 32;
+/// Longest limit spec, in bytes.
+pub const MAX_SPEC_LEN: usize = 1024;
+/// Most plans one server may hold.
+pub const MAX_PLANS: usize = 100_000;
+
+/// Why a plan change was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub plan: String,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(
+                f,
+                "plan '{}' field '{}': {}",
+                self.plan, field, self.message
+            ),
+            None => write!(f, "plan '{}': {}", self.plan, self.message),
+        }
+    }
+}
+
+/// Whether a plan enforces its decisions or only reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Decide and report, count and notify denials, but admit.
+    Shadow,
+}
+
+/// One compiled limit of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    pub name: Box<str>,
+    pub spec: LimitSpec,
+    /// Index of the limit's slot in the plan's layout (`None` for caps, which keep no state).
+    pub slot: Option<usize>,
+}
+
+impl Limit {
+    /// Whether the limit applies to a call naming `endpoint`.
+    pub fn applies_to(&self, endpoint: Option<&str>) -> bool {
+        match (&self.spec.endpoints, endpoint) {
+            (None, _) => true,
+            (Some(list), Some(e)) => list.iter().any(|l| &**l == e),
+            (Some(_), None) => false,
+        }
+    }
+
+    pub fn shape(&self) -> Option<Shape> {
+        match self.spec.rule {
+            Rule::Fixed { window, .. } => Some(Shape::Fixed { window }),
+            Rule::Sliding {
+                window_ms,
+                precision,
+                ..
+            } => Some(Shape::Sliding {
+                window_ms,
+                precision,
+            }),
+            Rule::Bucket { window_ms, .. } => Some(Shape::Bucket { window_ms }),
+            Rule::Concurrency { .. } => Some(Shape::Concurrency),
+            Rule::Cap { .. } => None,
+        }
+    }
+}
+
+/// A validated plan.
+#[derive(Debug)]
+pub struct Plan {
+    /// Shared with reservations made under this plan.
+    pub name: Arc<str>,
+    /// Fields as set, in the order they were first set.
+    fields: Vec<(Box<str>, Box<str>)>,
+    pub limits: Vec<Limit>,
+    pub fallback: Option<Box<str>>,
+    pub mode: Mode,
+    /// Every endpoint the plan's limits name, sorted; `None` if no limit is scoped
+    /// (then the plan admits calls to any endpoint).
+    pub endpoints: Option<Box<[Box<str>]>>,
+    /// The slots of the plan's stateful limits, in limit order.
+    pub layout: Arc<Layout>,
+}
+
+fn is_reserved(field: &str, word: &str) -> bool {
+    field.eq_ignore_ascii_case(word)
+}
+
+/// Field names are compared exactly, except the reserved words, which ignore case
+/// (so `MODE` replaces `mode`).
+fn same_field(a: &str, b: &str) -> bool {
+    a == b
+        || ["fallback", "mode"]
+            .iter()
+            .any(|w| is_reserved(a, w) && is_reserved(b, w))
+}
+
+impl Plan {
+    /// Compiles `fields` into a plan, or says which field is wrong.
+    pub fn compile(
+        name: &str,
+        fields: Vec<(Box<str>, Box<str>)>,
+        interner: &mut LayoutInterner,
+    ) -> Result<Plan, PlanError> {
+        let error = |field: Option<&str>, message: String| PlanError {
+            plan: name.to_string(),
+            field: field.map(str::to_string),
+            message,
+        };
+        if !is_valid_name(name) || name == "*" {
+            return Err(error(
+                None,
+                "is not a valid plan name (1-64 of A-Z a-z 0-9 _ - . : / @ #)".into(),
+            ));
+        }
+        let mut limits = Vec::new();
+        let mut slots = Vec::new();
+        let mut fallback = None;
+        let mut mode = Mode::Enforce;
+        for (field, value) in &fields {
+            if is_reserved(field, "fallback") {
+                if !is_valid_name(value) || &**value == "*" {
+                    return Err(error(
+                        Some(field),
+                        format!("'{value}' is not a valid plan name"),
+                    ));
+                }
+                if **value == *name {
+                    return Err(error(
+                        Some(field),
+                        "a plan cannot fall back to itself".into(),
+                    ));
+                }
+                fallback = Some(value.clone());
+            } else if is_reserved(field, "mode") {
+                mode = match value.to_ascii_lowercase().as_str() {
+                    "enforce" => Mode::Enforce,
+                    "shadow" => Mode::Shadow,
+                    _ => {
+                        return Err(error(
+                            Some(field),
+                            format!("mode '{value}' must be enforce or shadow"),
+                        ))
+                    }
+                };
+            } else {
+                if !is_valid_name(field) {
+                    return Err(error(
+                        Some(field),
+                        "is not a valid limit name (1-64 of A-Z a-z 0-9 _ - . : / @ #)".into(),
+                    ));
+                }
+                if value.len() > MAX_SPEC_LEN {
+                    return Err(error(
+                        Some(field),
+                        format!("spec longer than {MAX_SPEC_LEN} bytes"),
+                    ));
+                }
+                let spec = parse_limit_spec(value).map_err(|m| error(Some(field), m))?;
+                let mut limit = Limit {
+                    name: field.clone(),
+                    spec,
+                    slot: None,
+                };
+                if let Some(shape) = limit.shape() {
+                    limit.slot = Some(slots.len());
+                    slots.push(Slot {
+                        name: Arc::from(&**field),
+                        unit: limit.spec.unit.clone(),
+                        shape,
+                    });
+                }
+                limits.push(limit);
+            }
+        }
+        if limits.len() > MAX_LIMITS {
+            return Err(error(
+                None,
+                format!("has {} limits, more than {MAX_LIMITS}", limits.len()),
+            ));
+        }
+        let mut endpoints: Vec<Box<str>> = limits
+            .iter()
+            .filter_map(|l| l.spec.endpoints.as_deref())
+            .flatten()
+            .cloned()
+            .collect();
+        endpoints.sort_unstable();
+        endpoints.dedup();
+        let scoped = limits.iter().any(|l| l.spec.endpoints.is_some());
+        Ok(Plan {
+            name: name.into(),
+            fields,
+            limits,
+            fallback,
+            mode,
+            endpoints: scoped.then(|| endpoints.into_boxed_slice()),
+            layout: interner.intern(Layout::new(slots)),
+        })
+    }
+
+    pub fn fields(&self) -> &[(Box<str>, Box<str>)] {
+        &self.fields
+    }
+
+    /// Whether a call naming `endpoint` may use this plan at all.
+    pub fn admits_endpoint(&self, endpoint: Option<&str>) -> bool {
+        match (&self.endpoints, endpoint) {
+            (Some(list), Some(e)) => list.binary_search_by(|l| (**l).cmp(e)).is_ok(),
+            _ => true,
+        }
+    }
+
+    /// Whether calls on this plan take a lease (it has a concurrency limit).
+    pub fn has_concurrency(&self) -> bool {
+        self.limits
+            .iter()
+            .any(|l| matches!(l.spec.rule, Rule::Concurrency { .. }))
+    }
+}
+
+/// All plans of a server, plus the default plan.
+#[derive(Debug, Default)]
+pub struct Plans {
+    plans: HashMap<Box<str>, Arc<Plan>>,
+    default: Option<Box<str>>,
+    /// Bumped by every change; lets operators see that two nodes saw the same edits.
+    version: u64,
+}
+
+impl Plans {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Plan>> {
+        self.plans.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.plans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plans.is_empty()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn default_plan(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
+    /// Names of all plans, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.plans.keys().map(|k| &**k).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Sets fields like `HSET`: returns how many fields are new.
+    pub fn set(
+        &mut self,
+        name: &str,
+        pairs: &[(&str, &str)],
+        interner: &mut LayoutInterner,
+    ) -> Result<usize, PlanError> {
+        let mut fields: Vec<(Box<str>, Box<str>)> = self
+            .plans
+            .get(name)
+            .map(|p| p.fields.clone())
+            .unwrap_or_default();
+        let mut added = 0;
+        for &(field, value) in pairs {
+            let existing = fields.iter_mut().find(|(f, _)| same_field(f, field));
+            match existing {
+                Some((f, v)) => {
+                    *f = field.into();
+                    *v = value.into();
+                }
+                None => {
+                    fields.push((field.into(), value.into()));
+                    added += 1;
+                }
+            }
+        }
+        if !self.plans.contains_key(name) && self.plans.len() >= MAX_PLANS {
+            return Err(PlanError {
+                plan: name.into(),
+                field: None,
+                message: format!("cannot add a plan: the server already holds {MAX_PLANS}"),
+            });
+        }
+        let plan = Plan::compile(name, fields, interner)?;
+        self.check_no_cycle(&plan)?;
+        self.plans.insert(name.into(), Arc::new(plan));
+        self.version += 1;
+        Ok(added)
+    }
+
+    /// Deletes a whole plan (no fields given) or some of its fields, like `DEL`/`HDEL`.
+    /// A plan left without fields is deleted. Returns how many plans or fields went.
+    pub fn delete(
+        &mut self,
+        name: &str,
+        fields: &[&str],
+        interner: &mut LayoutInterner,
+    ) -> Result<usize, PlanError> {
+        let Some(plan) = self.plans.get(name) else {
+            return Ok(0);
+        };
+        if fields.is_empty() {
+            self.plans.remove(name);
+            self.version += 1;
+            return Ok(1);
+        }
+        let before = plan.fields.len();
+        let kept: Vec<(Box<str>, Box<str>)> = plan
+            .fields
+            .iter()
+            .filter(|(f, _)| !fields.iter().any(|g| same_field(f, g)))
+            .cloned()
+            .collect();
+        let removed = before - kept.len();
+        if removed == 0 {
+            return Ok(0);
+        }
+        if kept.is_empty() {
+            self.plans.remove(name);
+        } else {
+            let plan = Plan::compile(name, kept, interner)?;
+            self.check_no_cycle(&plan)?;
+            self.plans.insert(name.into(), Arc::new(plan));
+        }
+        self.version += 1;
+        Ok(removed)
+    }
+
+    /// Sets (or clears) the default plan. The plan need not exist yet; `*` resolves
+    /// to nothing while it does not.
+    pub fn set_default(&mut self, name: Option<&str>) -> Result<(), PlanError> {
+        if let Some(name) = name {
+            if !is_valid_name(name) || name == "*" {
+                return Err(PlanError {
+                    plan: name.into(),
+                    field: None,
+                    message: "is not a valid plan name".into(),
+                });
+            }
+        }
+        self.default = name.map(Into::into);
+        self.version += 1;
+        Ok(())
+    }
+
+    /// Refuses `candidate` if following fallbacks from it (with it in place) loops.
+    fn check_no_cycle(&self, candidate: &Plan) -> Result<(), PlanError> {
+        let mut seen: Vec<&str> = vec![&candidate.name];
+        let mut next = candidate.fallback.as_deref();
+        while let Some(name) = next {
+            if seen.contains(&name) {
+                seen.push(name);
+                return Err(PlanError {
+                    plan: candidate.name.to_string(),
+                    field: Some("fallback".into()),
+                    message: format!("fallback chain would loop: {}", seen.join(" -> ")),
+                });
+            }
+            seen.push(name);
+            next = if name == &*candidate.name {
+                candidate.fallback.as_deref()
+            } else {
+                self.plans.get(name).and_then(|p| p.fallback.as_deref())
+            };
+        }
+        Ok(())
+    }
+
+    /// Encodes every plan and the default (for RDB aux data).
+    pub fn encode(&self, w: &mut Writer) {
+        w.varint(self.version);
+        self.encode_content(w);
+    }
+
+    fn encode_content(&self, w: &mut Writer) {
+        match &self.default {
+            Some(d) => {
+                w.u8(1);
+                w.str(d);
+            }
+            None => w.u8(0),
+        }
+        let names = self.names();
+        w.varint(names.len() as u64);
+        for name in names {
+            if let Some(plan) = self.plans.get(name) {
+                w.str(name);
+                w.varint(plan.fields.len() as u64);
+                for (f, v) in &plan.fields {
+                    w.str(f);
+                    w.str(v);
+                }
+            }
+        }
+    }
+
+    /// Decodes plans written by [`Plans::encode`], validating every one again.
+    pub fn decode(r: &mut Reader<'_>, interner: &mut LayoutInterner) -> Result<Plans, DecodeError> {
+        let version = r.varint()?;
+        let default = match r.u8()? {
+            0 => None,
+            1 => Some(r.str()?.into()),
+            t => return bad(format!("bad default-plan tag {t}")),
+        };
+        let n = r.count(MAX_PLANS)?;
+        let mut plans = HashMap::with_capacity(n);
+        for _ in 0..n {
+            let name = r.str()?;
+            let nfields = r.count(4 * MAX_LIMITS)?;
+            let mut fields = Vec::with_capacity(nfields);
+            for _ in 0..nfields {
+                fields.push((Box::<str>::from(r.str()?), Box::<str>::from(r.str()?)));
+            }
+            let plan =
+                Plan::compile(name, fields, interner).map_err(|e| DecodeError(e.to_string()))?;
+            plans.insert(Box::<str>::from(name), Arc::new(plan));
+        }
+        Ok(Plans {
+            plans,
+            default,
+            version,
+        })
+    }
+
+    /// A digest of the plan set (fields and default, not the version): equal on two
+    /// nodes exactly when they hold the same plans. FNV-1a over the canonical encoding.
+    pub fn digest(&self) -> u64 {
+        let mut w = Writer::new();
+        self.encode_content(&mut w);
+        w.into_inner()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(plans: &mut Plans, name: &str, pairs: &[(&str, &str)]) -> Result<usize, PlanError> {
+        plans.set(name, pairs, &mut LayoutInterner::new())
+    }
+
+    #[test]
+    fn compiles_the_spec_example() {
+        let mut plans = Plans::new();
+        let added = set(
+            &mut plans,
+            "free",
+            &[
+                ("rpm", "sliding 10/1m"),
+                ("rpd", "fixed 200/1d"),
+                ("tpm", "bucket 2000 token/1m burst 4000"),
+                ("jobs", "concurrency 4 ttl 60s"),
+                ("big", "cap 2000 token"),
+                ("spend", "fixed 1000000 usd_micros/1mo warn 80%"),
+            ],
+        );
+        assert_eq!(added, Ok(6));
+        let free = plans.get("free").cloned();
+        let free = free.as_deref();
+        assert_eq!(free.map(|p| p.limits.len()), Some(6));
+        // Five stateful limits get slots; the cap does not.
+        assert_eq!(free.map(|p| p.layout.len()), Some(5));
+        assert_eq!(
+            free.and_then(|p| p.limits.get(4)).map(|l| l.slot),
+            Some(None)
+        );
+        assert_eq!(free.map(|p| p.mode), Some(Mode::Enforce));
+    }
+
+    #[test]
+    fn set_counts_new_fields_and_replaces_old_ones() {
+        let mut plans = Plans::new();
+        assert_eq!(
+            set(&mut plans, "p", &[("a", "fixed 1/1s"), ("b", "fixed 2/1s")]),
+            Ok(2)
+        );
+        assert_eq!(
+            set(&mut plans, "p", &[("a", "fixed 5/1s"), ("c", "cap 3")]),
+            Ok(1)
+        );
+        let fields: Vec<String> = plans
+            .get("p")
+            .map(|p| p.fields().iter().map(|(f, v)| format!("{f}={v}")).collect())
+            .unwrap_or_default();
+        assert_eq!(fields, ["a=fixed 5/1s", "b=fixed 2/1s", "c=cap 3"]);
+        assert_eq!(plans.version(), 2);
+    }
+
+    #[test]
+    fn a_bad_field_names_plan_and_field_and_changes_nothing() {
+        let mut plans = Plans::new();
+        assert_eq!(set(&mut plans, "p", &[("a", "fixed 1/1s")]), Ok(1));
+        let err = set(&mut plans, "p", &[("b", "fixed 2/1s"), ("c", "fixed x/1s")]);
+        assert_eq!(
+            err.map_err(|e| e.to_string()),
+            Err("plan 'p' field 'c': amount 'x' is not a non-negative integer".to_string())
+        );
+        assert_eq!(plans.get("p").map(|p| p.fields().len()), Some(1));
+        assert_eq!(plans.version(), 1);
+        for (field, value, reason) in [
+            ("mode", "loud", "enforce or shadow"),
+            ("fallback", "p", "itself"),
+            ("fallback", "*", "not a valid plan name"),
+            ("bad name", "fixed 1/1s", "not a valid limit name"),
+        ] {
+            let err = set(&mut plans, "p", &[(field, value)]).map_err(|e| e.to_string());
+            assert!(
+                err.as_ref().is_err_and(|e| e.contains(reason)),
+                "{field}: {err:?}"
+            );
+        }
+        assert!(set(&mut plans, "*", &[("a", "cap 1")]).is_err());
+    }
+
+    #[test]
+    fn too_many_limits_are_refused() {
+        let mut plans = Plans::new();
+        let names: Vec<String> = (0..=MAX_LIMITS).map(|i| format!("l{i}")).collect();
+        let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "cap 1")).collect();
+        assert!(set(&mut plans, "p", &pairs).is_err());
+        assert!(plans.is_empty());
+    }
+
+    #[test]
+    fn reserved_fields_set_mode_and_fallback() {
+        let mut plans = Plans::new();
+        assert_eq!(
+            set(&mut plans, "p", &[("MODE", "Shadow"), ("fallback", "q")]),
+            Ok(2)
+        );
+        assert_eq!(set(&mut plans, "p", &[("mode", "enforce")]), Ok(0));
+        let p = plans.get("p").cloned();
+        assert_eq!(p.as_ref().map(|p| p.mode), Some(Mode::Enforce));
+        assert_eq!(p.as_ref().and_then(|p| p.fallback.as_deref()), Some("q"));
+        assert_eq!(p.map(|p| p.limits.len()), Some(0));
+    }
+
+    #[test]
+    fn fallback_cycles_are_refused_when_closed_later() {
+        let mut plans = Plans::new();
+        assert!(set(&mut plans, "a", &[("fallback", "b")]).is_ok());
+        assert!(set(&mut plans, "b", &[("fallback", "c")]).is_ok());
+        let err = set(&mut plans, "c", &[("fallback", "a")]).map_err(|e| e.to_string());
+        assert_eq!(
+            err,
+            Err(
+                "plan 'c' field 'fallback': fallback chain would loop: c -> a -> b -> c"
+                    .to_string()
+            )
+        );
+        assert!(plans.get("c").is_none());
+        // Deleting the closing edge's plan and re-adding it without the loop is fine.
+        assert!(set(&mut plans, "c", &[("rpm", "fixed 1/1s")]).is_ok());
+        assert!(set(&mut plans, "c", &[("fallback", "b")]).is_err());
+    }
+
+    #[test]
+    fn delete_removes_fields_then_the_plan() {
+        let mut plans = Plans::new();
+        let mut interner = LayoutInterner::new();
+        assert!(plans
+            .set("p", &[("a", "cap 1"), ("b", "cap 2")], &mut interner)
+            .is_ok());
+        assert_eq!(plans.delete("p", &["a", "zz"], &mut interner), Ok(1));
+        assert_eq!(plans.delete("p", &["zz"], &mut interner), Ok(0));
+        assert_eq!(plans.delete("p", &["b"], &mut interner), Ok(1));
+        assert!(plans.get("p").is_none());
+        assert_eq!(plans.delete("p", &[], &mut interner), Ok(0));
+        assert!(plans.set("q", &[("a", "cap 1")], &mut interner).is_ok());
+        assert_eq!(plans.delete("q", &[], &mut interner), Ok(1));
+    }
+
+    #[test]
+    fn endpoints_form_an_access_list() {
+        let mut plans = Plans::new();
+        assert!(set(
+            &mut plans,
+            "p",
+            &[("a", "fixed 1/1s for chat,images"), ("b", "cap 5")]
+        )
+        .is_ok());
+        let p = plans.get("p").cloned();
+        let p = p.as_deref();
+        assert_eq!(p.map(|p| p.admits_endpoint(Some("chat"))), Some(true));
+        assert_eq!(p.map(|p| p.admits_endpoint(Some("video"))), Some(false));
+        assert_eq!(p.map(|p| p.admits_endpoint(None)), Some(true));
+        let a = p.and_then(|p| p.limits.first());
+        assert_eq!(
+            a.map(|l| (l.applies_to(Some("chat")), l.applies_to(None))),
+            Some((true, false))
+        );
+    }
+
+    #[test]
+    fn plans_round_trip_through_their_encoding() {
+        let mut plans = Plans::new();
+        let mut interner = LayoutInterner::new();
+        assert!(plans
+            .set(
+                "free",
+                &[("rpm", "sliding 10/1m"), ("fallback", "x")],
+                &mut interner
+            )
+            .is_ok());
+        assert!(plans
+            .set("pro", &[("tpm", "bucket 5 token/1s")], &mut interner)
+            .is_ok());
+        assert!(plans.set_default(Some("free")).is_ok());
+        let mut w = Writer::new();
+        plans.encode(&mut w);
+        let buf = w.into_inner();
+        let back = Plans::decode(&mut Reader::new(&buf), &mut interner);
+        let back = back.ok();
+        assert_eq!(back.as_ref().map(|p| p.names()), Some(vec!["free", "pro"]));
+        assert_eq!(back.as_ref().and_then(|p| p.default_plan()), Some("free"));
+        assert_eq!(back.as_ref().map(|p| p.version()), Some(plans.version()));
+        assert_eq!(back.as_ref().map(|p| p.digest()), Some(plans.digest()));
+        for cut in 0..buf.len() {
+            assert!(Plans::decode(&mut Reader::new(&buf[..cut]), &mut interner).is_err());
+        }
+    }
+
+    #[test]
+    fn digest_covers_content_not_history() {
+        let mut interner = LayoutInterner::new();
+        let mut a = Plans::new();
+        let mut b = Plans::new();
+        assert!(a.set("p", &[("x", "cap 1")], &mut interner).is_ok());
+        assert!(b.set("p", &[("x", "cap 2")], &mut interner).is_ok());
+        assert_ne!(a.digest(), b.digest());
+        assert!(b.set("p", &[("x", "cap 1")], &mut interner).is_ok());
+        assert_eq!(a.digest(), b.digest());
+        assert_ne!(a.version(), b.version());
+    }
+}

@@ -1,0 +1,538 @@
+//! The accounting state of one subject (the value of one subject key).
+//!
+//! - `layout` names the counters and `words` holds them (see [`crate::layout`]);
+//! - `updated_ms` is the latest instant the state was brought to — the clock's
+//!   high-water mark for this subject: calls are decided at
+//!   `max(server clock, updated_ms)`, so a clock stepping back never admits more;
+//! - `extra` holds what most subjects never need: in-flight requests (leases and
+//!   reservations), the assigned plan and the id sequence. It is boxed so that a
+//!   plain subject stays small.
+//!
+//! Always: `words.len() == layout.words()`, every slot is normalized to `updated_ms`,
+//! and each concurrency slot's word counts the requests holding a lease in it.
+
+use std::sync::Arc;
+
+use crate::codec::{bad, DecodeError, Reader, Writer};
+use crate::layout::{Layout, LayoutInterner, Shape};
+use crate::limits::bucket::Bucket;
+use crate::limits::{fixed, sliding::Slices};
+use crate::plan::Plan;
+use crate::requests::{Request, Requests};
+use crate::spec::{is_valid_name, Rule};
+
+/// Version of [`Subject::encode`]'s format (the module's data-type encoding version).
+pub const ENCODING_VERSION: u8 = 1;
+
+/// The limit part of a subject: `updated_ms`, layout and words.
+pub type LimitPart = (u64, Arc<Layout>, Box<[u64]>);
+
+/// Rarely used parts of a subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// The plan `*` resolves to for this subject; keeps the key from expiring.
+    pub assigned: Option<Box<str>>,
+    pub requests: Requests,
+    /// Sequence for generated request ids.
+    pub next_seq: u64,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.assigned.is_none() && self.requests.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub layout: Arc<Layout>,
+    pub updated_ms: u64,
+    pub words: Box<[u64]>,
+    pub extra: Option<Box<Extra>>,
+}
+
+/// When a subject's key may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Everything is idle now: the key can be deleted.
+    Idle,
+    /// Idle from this instant on (at the latest).
+    At(u64),
+    /// Never by itself (an assigned plan keeps it).
+    Never,
+}
+
+impl Subject {
+    /// A subject with every counter of `layout` at zero, as of `now`.
+    pub fn new(layout: Arc<Layout>, now: u64) -> Subject {
+        let words = vec![0; layout.words()].into_boxed_slice();
+        Subject {
+            layout,
+            updated_ms: now,
+            words,
+            extra: None,
+        }
+    }
+
+    pub fn slot_words(&self, slot: usize) -> &[u64] {
+        self.words.get(self.layout.range(slot)).unwrap_or(&[])
+    }
+
+    pub fn slot_words_mut(&mut self, slot: usize) -> &mut [u64] {
+        let range = self.layout.range(slot);
+        self.words.get_mut(range).unwrap_or(&mut [])
+    }
+
+    pub fn requests(&self) -> Option<&Requests> {
+        self.extra.as_deref().map(|e| &e.requests)
+    }
+
+    pub fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    pub fn assigned(&self) -> Option<&str> {
+        self.extra.as_deref().and_then(|e| e.assigned.as_deref())
+    }
+
+    /// Drops `extra` when it holds nothing.
+    pub fn tidy(&mut self) {
+        if self.extra.as_deref().is_some_and(Extra::is_empty) {
+            self.extra = None;
+        }
+    }
+
+    /// The instant calls are decided at: never before what this subject has seen.
+    pub fn effective_now(&self, clock_ms: u64) -> u64 {
+        clock_ms.max(self.updated_ms)
+    }
+
+    /// Brings every slot from `updated_ms` to `now` (`now >= updated_ms`).
+    pub fn normalize(&mut self, now: u64) {
+        let updated = self.updated_ms;
+        let layout = Arc::clone(&self.layout);
+        for (i, slot) in layout.slots().iter().enumerate() {
+            let words = self.slot_words_mut(i);
+            match slot.shape {
+                Shape::Fixed { window } => fixed::normalize(words, window, updated, now),
+                Shape::Sliding {
+                    window_ms,
+                    precision,
+                } => Slices {
+                    window_ms,
+                    precision,
+                }
+                .normalize(words, updated, now),
+                Shape::Bucket { .. } | Shape::Concurrency => {}
+            }
+        }
+        self.updated_ms = now;
+    }
+
+    /// Removes requests expired at `now`, freeing their leases.
+    pub fn purge_expired(&mut self, now: u64) -> usize {
+        let mut purged = 0;
+        while let Some((_, request)) = self
+            .extra
+            .as_deref_mut()
+            .and_then(|e| e.requests.pop_expired(now))
+        {
+            self.free_leases(&request);
+            purged += 1;
+        }
+        purged
+    }
+
+    /// Takes one off each concurrency count the request held a lease in.
+    pub fn free_leases(&mut self, request: &Request) {
+        for lease in &request.leases {
+            if let Some(i) = self.layout.position(lease) {
+                if let Some(count) = self.slot_words_mut(i).first_mut() {
+                    *count = count.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Whether every slot of `plan` is present here with the same unit and shape.
+    pub fn holds_all_of(&self, plan: &Plan) -> bool {
+        Arc::ptr_eq(&self.layout, &plan.layout)
+            || plan.layout.slots().iter().all(|want| {
+                self.layout
+                    .position(&want.name)
+                    .and_then(|i| self.layout.slots().get(i))
+                    == Some(want)
+            })
+    }
+
+    /// Re-lays the subject out for `plan` (normalized to `updated_ms` first): the
+    /// plan's slots first — carrying usage over where name, unit and shape match,
+    /// fresh otherwise — then slots of other plans that still hold usage.
+    pub fn relayout_for(&mut self, plan: &Plan, interner: &mut LayoutInterner) {
+        let old = Arc::clone(&self.layout);
+        let mut slots: Vec<_> = plan.layout.slots().to_vec();
+        for (i, slot) in old.slots().iter().enumerate() {
+            let busy = self.slot_words(i).iter().any(|&w| w != 0);
+            if busy
+                && !slots.iter().any(|s| s.name == slot.name)
+                && slots.len() < crate::layout::MAX_SLOTS
+            {
+                slots.push(slot.clone());
+            }
+        }
+        let layout = interner.intern(Layout::new(slots));
+        let mut words = vec![0u64; layout.words()];
+        for (i, slot) in layout.slots().iter().enumerate() {
+            if let Some(j) = old
+                .position(&slot.name)
+                .filter(|&j| old.slots().get(j) == Some(slot))
+            {
+                if let Some(dst) = words.get_mut(layout.range(i)) {
+                    dst.copy_from_slice(self.slot_words(j));
+                }
+            }
+        }
+        self.layout = layout;
+        self.words = words.into_boxed_slice();
+        // A concurrency slot that started afresh holds no leases: forget them there.
+        if let Some(extra) = self.extra.as_deref_mut() {
+            let layout = Arc::clone(&self.layout);
+            let ids: Vec<Box<[u8]>> = extra
+                .requests
+                .iter()
+                .filter(|(_, r)| r.leases.iter().any(|l| layout.position(l).is_none()))
+                .map(|(id, _)| id.into())
+                .collect();
+            for id in ids {
+                if let Some(mut request) = extra.requests.remove(&id) {
+                    request.leases.retain(|l| layout.position(l).is_some());
+                    extra.requests.insert(&id, request);
+                }
+            }
+        }
+    }
+
+    /// When the key may expire, given the plan that just charged it (a bucket's rate
+    /// comes from its plan; buckets of other plans report `None` in the second field:
+    /// the caller keeps the key's existing expiry for them).
+    pub fn expiry(&self, plan: Option<&Plan>) -> (Expiry, bool) {
+        if self.assigned().is_some() {
+            return (Expiry::Never, false);
+        }
+        let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry);
+        let mut unknown = false;
+        for (i, slot) in self.layout.slots().iter().enumerate() {
+            let words = self.slot_words(i);
+            let idle = match slot.shape {
+                Shape::Fixed { window } => fixed::idle_at(words, window, self.updated_ms),
+                Shape::Sliding {
+                    window_ms,
+                    precision,
+                } => Slices {
+                    window_ms,
+                    precision,
+                }
+                .idle_at(words, self.updated_ms),
+                Shape::Bucket { window_ms } => {
+                    let rate = plan.and_then(|p| {
+                        p.limits.iter().find_map(|l| match l.spec.rule {
+                            Rule::Bucket {
+                                rate,
+                                window_ms: w,
+                                burst,
+                            } if *l.name == *slot.name && w == window_ms => Some(Bucket {
+                                rate,
+                                window_ms,
+                                burst,
+                            }),
+                            _ => None,
+                        })
+                    });
+                    match rate {
+                        Some(bucket) => bucket.idle_at(words),
+                        None if words.iter().skip(1).any(|&w| w != 0) => {
+                            unknown = true;
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                // Leases are counted in the requests' expiry above.
+                Shape::Concurrency => None,
+            };
+            latest = latest.max(idle);
+        }
+        match latest {
+            Some(at) => (Expiry::At(at), unknown),
+            None if unknown => (Expiry::At(self.updated_ms), true),
+            None => (Expiry::Idle, false),
+        }
+    }
+
+    /// Writes the limit part (instant, layout, words): what a call that charges
+    /// limits replicates.
+    pub fn encode_limits(&self, w: &mut Writer) {
+        w.varint(self.updated_ms);
+        self.layout.encode(w);
+        for &word in self.words.iter() {
+            w.varint(word);
+        }
+    }
+
+    /// Reads a limit part written by [`Subject::encode_limits`].
+    pub fn decode_limits(
+        r: &mut Reader<'_>,
+        interner: &mut LayoutInterner,
+    ) -> Result<LimitPart, DecodeError> {
+        let updated_ms = r.varint()?;
+        let layout = Layout::decode(r)?;
+        let mut words = Vec::with_capacity(layout.words());
+        for _ in 0..layout.words() {
+            words.push(r.varint()?);
+        }
+        Ok((
+            updated_ms,
+            interner.intern(layout),
+            words.into_boxed_slice(),
+        ))
+    }
+
+    /// Writes the whole subject (RDB, DUMP, AOF rewrite, digests). Canonical: equal
+    /// subjects encode to equal bytes.
+    pub fn encode(&self, w: &mut Writer) {
+        self.encode_limits(w);
+        match self.extra.as_deref() {
+            None => w.u8(0),
+            Some(extra) => {
+                w.u8(1);
+                match &extra.assigned {
+                    Some(plan) => {
+                        w.u8(1);
+                        w.str(plan);
+                    }
+                    None => w.u8(0),
+                }
+                w.varint(extra.next_seq);
+                extra.requests.encode(w);
+            }
+        }
+    }
+
+    /// Reads a subject written by [`Subject::encode`], checking every invariant.
+    pub fn decode(
+        input: &[u8],
+        interner: &mut LayoutInterner,
+        max_requests: usize,
+    ) -> Result<Subject, DecodeError> {
+        let mut r = Reader::new(input);
+        let (updated_ms, layout, words) = Subject::decode_limits(&mut r, interner)?;
+        let extra = match r.u8()? {
+            0 => None,
+            1 => {
+                let assigned = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let plan = r.str()?;
+                        if !is_valid_name(plan) {
+                            return bad("invalid assigned plan name");
+                        }
+                        Some(plan.into())
+                    }
+                    t => return bad(format!("bad assignment tag {t}")),
+                };
+                let next_seq = r.varint()?;
+                let requests = Requests::decode(&mut r, max_requests)?;
+                Some(Box::new(Extra {
+                    assigned,
+                    requests,
+                    next_seq,
+                }))
+            }
+            t => return bad(format!("bad extra tag {t}")),
+        };
+        r.finish()?;
+        let subject = Subject {
+            layout,
+            updated_ms,
+            words,
+            extra,
+        };
+        subject.check_lease_counts()?;
+        Ok(subject)
+    }
+
+    /// Each concurrency slot's count equals the requests holding a lease there.
+    fn check_lease_counts(&self) -> Result<(), DecodeError> {
+        for (i, slot) in self.layout.slots().iter().enumerate() {
+            if slot.shape == Shape::Concurrency {
+                let held = self.requests().map_or(0, |t| {
+                    t.iter()
+                        .filter(|(_, r)| r.leases.contains(&slot.name))
+                        .count()
+                });
+                if self.slot_words(i).first().copied() != Some(held as u64) {
+                    return bad(format!(
+                        "lease count of '{}' does not match its requests",
+                        slot.name
+                    ));
+                }
+            }
+        }
+        for (_, request) in self.requests().into_iter().flat_map(Requests::iter) {
+            if request.leases.iter().any(|l| {
+                self.layout
+                    .position(l)
+                    .and_then(|i| self.layout.slots().get(i))
+                    .map(|s| s.shape)
+                    != Some(Shape::Concurrency)
+            }) {
+                return bad("a request holds a lease in a slot that is not a concurrency limit");
+            }
+        }
+        Ok(())
+    }
+
+    /// Approximate heap bytes held (for `MEMORY USAGE`).
+    pub fn mem_usage(&self) -> usize {
+        let mut bytes = std::mem::size_of::<Subject>() + self.words.len() * 8;
+        if let Some(extra) = self.extra.as_deref() {
+            bytes += std::mem::size_of::<Extra>() + extra.assigned.as_deref().map_or(0, str::len);
+            for (id, request) in extra.requests.iter() {
+                // Two index entries and the id twice, the request and its vectors.
+                bytes += 2 * (id.len() + 48)
+                    + std::mem::size_of::<Request>()
+                    + request.leases.len() * 16
+                    + request.charges.len() * std::mem::size_of::<crate::requests::Charge>();
+            }
+        }
+        bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Plans;
+    use crate::requests::Charge;
+
+    fn plan(fields: &[(&str, &str)], interner: &mut LayoutInterner) -> Arc<Plan> {
+        let mut plans = Plans::new();
+        assert!(plans.set("p", fields, interner).is_ok());
+        plans.get("p").cloned().unwrap_or_else(|| unreachable!())
+    }
+
+    #[test]
+    fn relayout_carries_matching_slots_and_keeps_busy_foreign_ones() {
+        let mut interner = LayoutInterner::new();
+        let a = plan(
+            &[("rpm", "fixed 10/1m"), ("daily", "fixed 100/1d")],
+            &mut interner,
+        );
+        let mut s = Subject::new(Arc::clone(&a.layout), 1_000);
+        s.words.copy_from_slice(&[3, 7]);
+        // A plan sharing `daily`, changing `rpm`'s window and adding `tpm`.
+        let b = plan(
+            &[
+                ("rpm", "fixed 10/1s"),
+                ("daily", "fixed 500/1d"),
+                ("tpm", "bucket 5 token/1s"),
+            ],
+            &mut interner,
+        );
+        s.relayout_for(&b, &mut interner);
+        let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
+        assert_eq!(names, ["rpm", "daily", "tpm"]);
+        assert_eq!(&s.words[..2], &[0, 7]);
+        assert!(Arc::ptr_eq(&s.layout, &b.layout));
+        // Back to plan a: b's busy bucket stays; a's rpm is fresh.
+        s.slot_words_mut(2).copy_from_slice(&[1_000, 5, 0]);
+        s.relayout_for(&a, &mut interner);
+        let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
+        assert_eq!(names, ["rpm", "daily", "tpm"]);
+        assert!(s.holds_all_of(&a));
+        assert!(!s.holds_all_of(&b));
+    }
+
+    #[test]
+    fn expiry_is_the_latest_idle_instant() {
+        let mut interner = LayoutInterner::new();
+        let p = plan(
+            &[("rpm", "fixed 10/1m"), ("tpm", "bucket 1 token/1s")],
+            &mut interner,
+        );
+        let mut s = Subject::new(Arc::clone(&p.layout), 30_000);
+        assert_eq!(s.expiry(Some(&p)), (Expiry::Idle, false));
+        s.words[0] = 1;
+        assert_eq!(s.expiry(Some(&p)), (Expiry::At(60_000), false));
+        s.slot_words_mut(1).copy_from_slice(&[30_000, 90_000, 0]); // 90 units of 1/s
+        assert_eq!(s.expiry(Some(&p)), (Expiry::At(120_000), false));
+        assert_eq!(s.expiry(None), (Expiry::At(60_000), true));
+        s.extra_mut().assigned = Some("p".into());
+        assert_eq!(s.expiry(Some(&p)), (Expiry::Never, false));
+    }
+
+    #[test]
+    fn subjects_round_trip_and_reject_every_truncation() {
+        let mut interner = LayoutInterner::new();
+        let p = plan(
+            &[
+                ("rpm", "sliding 10/1m precision 4"),
+                ("jobs", "concurrency 2"),
+            ],
+            &mut interner,
+        );
+        let mut s = Subject::new(Arc::clone(&p.layout), 123);
+        s.words[0] = 4;
+        s.slot_words_mut(1)[0] = 1;
+        let extra = s.extra_mut();
+        extra.next_seq = 9;
+        extra.assigned = Some("p".into());
+        extra.requests.insert(
+            b"r1",
+            Request {
+                expires_at: 500,
+                plan: Arc::from("p"),
+                leases: vec![Arc::from("jobs")],
+                charges: vec![Charge {
+                    slot: Arc::from("rpm"),
+                    amount: 1,
+                    marker: 3,
+                }],
+            },
+        );
+        let mut w = Writer::new();
+        s.encode(&mut w);
+        let buf = w.into_inner();
+        assert_eq!(Subject::decode(&buf, &mut interner, 100).as_ref(), Ok(&s));
+        for cut in 0..buf.len() {
+            assert!(Subject::decode(&buf[..cut], &mut interner, 100).is_err());
+        }
+        // A lease count that disagrees with the requests is refused.
+        s.slot_words_mut(1)[0] = 2;
+        let mut w = Writer::new();
+        s.encode(&mut w);
+        assert!(Subject::decode(&w.into_inner(), &mut interner, 100).is_err());
+    }
+
+    #[test]
+    fn purging_frees_leases() {
+        let mut interner = LayoutInterner::new();
+        let p = plan(&[("jobs", "concurrency 2")], &mut interner);
+        let mut s = Subject::new(Arc::clone(&p.layout), 0);
+        s.words[0] = 1;
+        s.extra_mut().requests.insert(
+            b"a",
+            Request {
+                expires_at: 10,
+                plan: Arc::from("p"),
+                leases: vec![Arc::from("jobs")],
+                charges: vec![],
+            },
+        );
+        assert_eq!(s.purge_expired(9), 0);
+        assert_eq!(s.purge_expired(10), 1);
+        assert_eq!(s.words[0], 0);
+        s.tidy();
+        assert!(s.extra.is_none());
+    }
+}
