@@ -1,1 +1,85 @@
-//! placeholder
+//! Tollgate: a Redis module that meters and limits use of expensive APIs per user,
+//! tier and unit, atomically in the server.
+//!
+//! This crate is the thin glue between Redis and `tollgate-core`: command parsing and
+//! replies, the `rlsubject` data type, persistence and replication. It is the only
+//! crate linked into redis-server (its allocator is Redis's).
+
+use std::os::raw::c_int;
+
+use redis_module::{raw, redis_module, Context, RedisString, RedisValue, Status};
+
+mod args;
+mod commands;
+mod info;
+mod server;
+mod state;
+mod store;
+mod subject_type;
+
+use server::api;
+use subject_type::SUBJECT_TYPE;
+
+/// Whether the server writes AOF rewrites without an RDB preamble, which would lose
+/// the plans (they live in RDB aux data).
+fn aof_preamble_disabled(ctx: &Context) -> bool {
+    match ctx.call("CONFIG", &["GET", "aof-use-rdb-preamble"]) {
+        Ok(RedisValue::Array(values)) => values.iter().any(|v| {
+            matches!(v, RedisValue::SimpleString(s) | RedisValue::BulkString(s) if s.eq_ignore_ascii_case("no"))
+                || matches!(v, RedisValue::StringBuffer(b) if b.eq_ignore_ascii_case(b"no"))
+        }),
+        _ => false,
+    }
+}
+
+const PREAMBLE_WARNING: &str = "aof-use-rdb-preamble is 'no': an AOF rewrite would lose every \
+     plan (plans persist in the RDB preamble). Set 'aof-use-rdb-preamble yes'.";
+
+unsafe extern "C" fn on_config_change(
+    ctx: *mut raw::RedisModuleCtx,
+    _event: raw::RedisModuleEvent,
+    _subevent: u64,
+    _data: *mut std::os::raw::c_void,
+) {
+    let _ = std::panic::catch_unwind(|| {
+        let ctx = Context::new(ctx);
+        if aof_preamble_disabled(&ctx) {
+            ctx.log_warning(PREAMBLE_WARNING);
+        }
+    });
+}
+
+fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+    let missing = server::missing_api();
+    if !missing.is_empty() {
+        ctx.log_warning(&format!("this server lacks module API {missing:?}"));
+        return Status::Err;
+    }
+    if aof_preamble_disabled(ctx) {
+        ctx.log_warning(&format!("{PREAMBLE_WARNING} Refusing to load."));
+        return Status::Err;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        crate::server::log_warning(&format!("panic (the command replied ERR): {info}"));
+    }));
+    state::init();
+    let options = raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS | raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED;
+    api!(RedisModule_SetModuleOptions(ctx.ctx, options as c_int) else ());
+    if let Err(e) = commands::register(ctx.ctx) {
+        ctx.log_warning(&format!("{e}"));
+        return Status::Err;
+    }
+    api!(RedisModule_RegisterInfoFunc(ctx.ctx, Some(info::info)) else 0);
+    let config_event = raw::RedisModuleEvent { id: raw::REDISMODULE_EVENT_CONFIG, dataver: 1 };
+    api!(RedisModule_SubscribeToServerEvent(ctx.ctx, config_event, Some(on_config_change)) else 0);
+    Status::Ok
+}
+
+redis_module! {
+    name: "tollgate",
+    version: 1,
+    allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
+    data_types: [SUBJECT_TYPE],
+    init: init,
+    commands: [],
+}

@@ -602,15 +602,11 @@ pub struct Settled {
 /// the difference in the window that took the charge, if it is still current (a
 /// bucket charge is current until it would have drained). Never refuses: an overrun
 /// may leave a limit past its capacity. `None` if there is no live request `id`.
-///
-/// Bucket rates come from `plan_of` (the request's plan, if it still exists); a
-/// bucket whose plan is gone is left as it is.
 pub fn release(
     subject: &mut Subject,
     id: &[u8],
     actual: &[(&str, u64)],
     clock_ms: u64,
-    plan_of: &dyn Fn(&str) -> Option<Arc<Plan>>,
 ) -> Option<Settled> {
     let now = subject.effective_now(clock_ms);
     if !is_live(subject, id, now) {
@@ -620,7 +616,6 @@ pub fn release(
     let request = subject.extra.as_deref_mut()?.requests.remove(id)?;
     subject.free_leases(&request);
     subject.normalize(now);
-    let plan = plan_of(&request.plan);
     for charge in &request.charges {
         let Some(slot) = subject.layout.position(&charge.slot) else {
             continue;
@@ -656,25 +651,10 @@ pub fn release(
                 slices.overrun(words, now, charge.marker, overrun);
             }
             crate::layout::Shape::Bucket { window_ms } => {
-                let bucket = plan.as_deref().and_then(|p| {
-                    p.limits.iter().find_map(|l| match l.spec.rule {
-                        Rule::Bucket {
-                            rate,
-                            window_ms: w,
-                            burst,
-                        } if *l.name == *meta.name && w == window_ms => Some(Bucket {
-                            rate,
-                            window_ms,
-                            burst,
-                        }),
-                        _ => None,
-                    })
-                });
-                if let Some(bucket) = bucket {
-                    if now < charge.marker {
-                        bucket.refund(words, now, refund);
-                        bucket.charge(words, now, overrun);
-                    }
+                if now < charge.marker {
+                    let bucket = Bucket::as_stored(words, window_ms);
+                    bucket.refund(words, now, refund);
+                    bucket.charge(words, now, overrun);
                 }
             }
             crate::layout::Shape::Concurrency => {}

@@ -23,8 +23,7 @@ pub enum Shape {
     Fixed { window: FixedWindow },
     /// `precision + 1` words: a ring of slice totals.
     Sliding { window_ms: u64, precision: u32 },
-    /// Three words: the instant of the last update, then the debt as a `u128`
-    /// (low word first) in unit-milliseconds (see [`crate::bucket`]).
+    /// Four words: see [`crate::limits::bucket`].
     Bucket { window_ms: u64 },
     /// One word: leases in flight (the lease table holds which).
     Concurrency,
@@ -35,7 +34,7 @@ impl Shape {
         match *self {
             Shape::Fixed { .. } | Shape::Concurrency => 1,
             Shape::Sliding { precision, .. } => precision as usize + 1,
-            Shape::Bucket { .. } => 3,
+            Shape::Bucket { .. } => crate::limits::bucket::WORDS,
         }
     }
 
@@ -271,8 +270,8 @@ mod tests {
         ]);
         assert_eq!(layout.range(0), 0..1);
         assert_eq!(layout.range(1), 1..12);
-        assert_eq!(layout.range(2), 12..15);
-        assert_eq!(layout.words(), 15);
+        assert_eq!(layout.range(2), 12..16);
+        assert_eq!(layout.words(), 16);
         assert_eq!(layout.range(3), 0..0);
         assert_eq!(layout.position("c"), Some(2));
     }

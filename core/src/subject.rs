@@ -19,7 +19,7 @@ use crate::limits::bucket::Bucket;
 use crate::limits::{fixed, sliding::Slices};
 use crate::plan::Plan;
 use crate::requests::{Request, Requests};
-use crate::spec::{is_valid_name, Rule};
+use crate::spec::is_valid_name;
 
 /// Version of [`Subject::encode`]'s format (the module's data-type encoding version).
 pub const ENCODING_VERSION: u8 = 1;
@@ -212,15 +212,12 @@ impl Subject {
         }
     }
 
-    /// When the key may expire, given the plan that just charged it (a bucket's rate
-    /// comes from its plan; buckets of other plans report `None` in the second field:
-    /// the caller keeps the key's existing expiry for them).
-    pub fn expiry(&self, plan: Option<&Plan>) -> (Expiry, bool) {
+    /// When the key may expire: the latest instant any slot or request is busy until.
+    pub fn expiry(&self) -> Expiry {
         if self.assigned().is_some() {
-            return (Expiry::Never, false);
+            return Expiry::Never;
         }
         let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry);
-        let mut unknown = false;
         for (i, slot) in self.layout.slots().iter().enumerate() {
             let words = self.slot_words(i);
             let idle = match slot.shape {
@@ -233,40 +230,13 @@ impl Subject {
                     precision,
                 }
                 .idle_at(words, self.updated_ms),
-                Shape::Bucket { window_ms } => {
-                    let rate = plan.and_then(|p| {
-                        p.limits.iter().find_map(|l| match l.spec.rule {
-                            Rule::Bucket {
-                                rate,
-                                window_ms: w,
-                                burst,
-                            } if *l.name == *slot.name && w == window_ms => Some(Bucket {
-                                rate,
-                                window_ms,
-                                burst,
-                            }),
-                            _ => None,
-                        })
-                    });
-                    match rate {
-                        Some(bucket) => bucket.idle_at(words),
-                        None if words.iter().skip(1).any(|&w| w != 0) => {
-                            unknown = true;
-                            None
-                        }
-                        None => None,
-                    }
-                }
+                Shape::Bucket { .. } => Bucket::idle_at(words),
                 // Leases are counted in the requests' expiry above.
                 Shape::Concurrency => None,
             };
             latest = latest.max(idle);
         }
-        match latest {
-            Some(at) => (Expiry::At(at), unknown),
-            None if unknown => (Expiry::At(self.updated_ms), true),
-            None => (Expiry::Idle, false),
-        }
+        latest.map_or(Expiry::Idle, Expiry::At)
     }
 
     /// Writes the limit part (instant, layout, words): what a call that charges
@@ -445,7 +415,7 @@ mod tests {
         assert_eq!(&s.words[..2], &[0, 7]);
         assert!(Arc::ptr_eq(&s.layout, &b.layout));
         // Back to plan a: b's busy bucket stays; a's rpm is fresh.
-        s.slot_words_mut(2).copy_from_slice(&[1_000, 5, 0]);
+        s.slot_words_mut(2).copy_from_slice(&[1_000, 5, 0, 1]);
         s.relayout_for(&a, &mut interner);
         let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
         assert_eq!(names, ["rpm", "daily", "tpm"]);
@@ -461,14 +431,13 @@ mod tests {
             &mut interner,
         );
         let mut s = Subject::new(Arc::clone(&p.layout), 30_000);
-        assert_eq!(s.expiry(Some(&p)), (Expiry::Idle, false));
+        assert_eq!(s.expiry(), Expiry::Idle);
         s.words[0] = 1;
-        assert_eq!(s.expiry(Some(&p)), (Expiry::At(60_000), false));
-        s.slot_words_mut(1).copy_from_slice(&[30_000, 90_000, 0]); // 90 units of 1/s
-        assert_eq!(s.expiry(Some(&p)), (Expiry::At(120_000), false));
-        assert_eq!(s.expiry(None), (Expiry::At(60_000), true));
+        assert_eq!(s.expiry(), Expiry::At(60_000));
+        s.slot_words_mut(1).copy_from_slice(&[30_000, 90_000, 0, 1]); // 90 units of 1/s
+        assert_eq!(s.expiry(), Expiry::At(120_000));
         s.extra_mut().assigned = Some("p".into());
-        assert_eq!(s.expiry(Some(&p)), (Expiry::Never, false));
+        assert_eq!(s.expiry(), Expiry::Never);
     }
 
     #[test]

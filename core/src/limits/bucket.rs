@@ -7,8 +7,10 @@
 //! `tat - now = debt / rate` exactly, and every comparison is an integer one:
 //! a cost `c` is admitted when `debt + c * window <= burst * window`.
 //!
-//! State: three words — the instant of the last update, then the debt as a `u128`.
-//! The rate is not stored: a plan may change it and usage carries over.
+//! State: four words — the instant of the last update, the debt as a `u128` (low word
+//! first), and the rate it was last charged at. Decisions drain at the plan's current
+//! rate (a plan may change it and usage carries over); the stored rate lets the state
+//! say when it will be idle, and be settled, without the plan.
 
 use super::{div_ceil, to_u64, Admission};
 
@@ -20,6 +22,9 @@ pub struct Bucket {
     pub burst: u64,
 }
 
+/// Words a bucket's state takes.
+pub const WORDS: usize = 4;
+
 fn read(words: &[u64]) -> (u64, u128) {
     match words {
         [t0, lo, hi, ..] => (*t0, u128::from(*lo) | (u128::from(*hi) << 64)),
@@ -27,15 +32,21 @@ fn read(words: &[u64]) -> (u64, u128) {
     }
 }
 
-fn write(words: &mut [u64], t0: u64, debt: u128) {
-    if let [w0, lo, hi, ..] = words {
-        *w0 = t0;
-        *lo = debt as u64;
-        *hi = (debt >> 64) as u64;
-    }
+/// The rate a bucket state was last charged at (at least 1).
+pub fn stored_rate(words: &[u64]) -> u64 {
+    words.get(3).copied().unwrap_or(1).max(1)
 }
 
 impl Bucket {
+    fn write(&self, words: &mut [u64], t0: u64, debt: u128) {
+        if let [w0, lo, hi, rate, ..] = words {
+            *w0 = t0;
+            *lo = debt as u64;
+            *hi = (debt >> 64) as u64;
+            *rate = self.rate;
+        }
+    }
+
     fn capacity(&self) -> u128 {
         u128::from(self.burst) * u128::from(self.window_ms)
     }
@@ -76,7 +87,7 @@ impl Bucket {
     /// Adds `amount` at `now` (never refused: an overrun may go past the burst).
     pub fn charge(&self, words: &mut [u64], now: u64, amount: u64) {
         let debt = self.debt_at(words, now);
-        write(
+        self.write(
             words,
             now,
             debt.saturating_add(u128::from(amount) * u128::from(self.window_ms)),
@@ -86,17 +97,28 @@ impl Bucket {
     /// Gives back up to `amount` at `now`; a bucket already full stays full.
     pub fn refund(&self, words: &mut [u64], now: u64, amount: u64) {
         let debt = self.debt_at(words, now);
-        write(
+        self.write(
             words,
             now,
             debt.saturating_sub(u128::from(amount) * u128::from(self.window_ms)),
         );
     }
 
-    /// The instant the bucket is full again at this rate.
-    pub fn idle_at(&self, words: &[u64]) -> Option<u64> {
+    /// The bucket a state was last charged as (rate from the state; the burst does not
+    /// matter to draining, refunds or overruns).
+    pub fn as_stored(words: &[u64], window_ms: u64) -> Bucket {
+        Bucket {
+            rate: stored_rate(words),
+            window_ms,
+            burst: 1,
+        }
+    }
+
+    /// The instant the bucket is full again at the rate it was last charged at.
+    pub fn idle_at(words: &[u64]) -> Option<u64> {
         let (t0, debt) = read(words);
-        (debt > 0).then(|| t0.saturating_add(self.reset_ms(debt)))
+        (debt > 0)
+            .then(|| t0.saturating_add(to_u64(div_ceil(debt, u128::from(stored_rate(words))))))
     }
 }
 
@@ -113,7 +135,7 @@ mod tests {
 
     #[test]
     fn a_full_bucket_admits_its_burst_then_one_per_interval() {
-        let mut w = [0u64; 3];
+        let mut w = [0u64; 4];
         let t = 1_000_000;
         for i in 0..5 {
             let debt = B.debt_at(&w, t);
@@ -126,7 +148,7 @@ mod tests {
         assert_eq!(B.admission(debt, 5), Admission::After(5_000));
         assert_eq!(B.admission(debt, 6), Admission::Never);
         assert_eq!(B.reset_ms(debt), 5_000);
-        assert_eq!(B.idle_at(&w), Some(t + 5_000));
+        assert_eq!(Bucket::idle_at(&w), Some(t + 5_000));
         // 2.5 s later, two whole units are back and the third is half way.
         let debt = B.debt_at(&w, t + 2_500);
         assert_eq!(B.remaining(debt), 2);
@@ -142,7 +164,7 @@ mod tests {
             window_ms: 1_000,
             burst: 1,
         };
-        let mut w = [0u64; 3];
+        let mut w = [0u64; 4];
         b.charge(&mut w, 0, 1);
         let debt = b.debt_at(&w, 0);
         assert_eq!(b.admission(debt, 1), Admission::After(334));
@@ -152,7 +174,7 @@ mod tests {
 
     #[test]
     fn refunds_and_overruns() {
-        let mut w = [0u64; 3];
+        let mut w = [0u64; 4];
         B.charge(&mut w, 0, 5);
         B.refund(&mut w, 0, 2);
         assert_eq!(B.remaining(B.debt_at(&w, 0)), 2);
@@ -170,7 +192,7 @@ mod tests {
             window_ms: crate::time::MAX_WINDOW_MS,
             burst: u64::MAX,
         };
-        let mut w = [0u64; 3];
+        let mut w = [0u64; 4];
         b.charge(&mut w, 0, u64::MAX);
         b.charge(&mut w, 0, u64::MAX);
         let debt = b.debt_at(&w, 0);
@@ -181,7 +203,7 @@ mod tests {
             window_ms: crate::time::MAX_WINDOW_MS,
             burst: u64::MAX,
         };
-        let mut w = [0u64; 3];
+        let mut w = [0u64; 4];
         slow.charge(&mut w, 0, u64::MAX);
         assert_eq!(slow.reset_ms(slow.debt_at(&w, 0)), u64::MAX);
     }

@@ -165,12 +165,8 @@ impl Harness {
 
     pub fn release(&mut self, id: &str, actual: &[(&str, u64)]) -> Option<String> {
         let now = self.clock.now_ms();
-        let plans = &self.plans;
         let subject = self.subject.as_mut()?;
-        decide::release(subject, id.as_bytes(), actual, now, &|name| {
-            plans.get(name).cloned()
-        })
-        .map(|s| s.plan.to_string())
+        decide::release(subject, id.as_bytes(), actual, now).map(|s| s.plan.to_string())
     }
 
     pub fn advance(&self, ms: u64) {

@@ -1,0 +1,156 @@
+//! Command registration, and the boundary every command call crosses.
+//!
+//! Each command is a plain function `fn(&Ctx, Args) -> CmdResult` that either replies
+//! itself and returns `Ok`, or returns an error before changing anything. The
+//! trampoline turns errors into replies and catches panics, so no panic ever unwinds
+//! into Redis (which would abort the server).
+
+use std::ffi::{CStr, CString};
+use std::os::raw::c_int;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use redis_module::raw;
+
+use crate::args::{Args, CmdError, CmdResult};
+use crate::server::{api, Ctx, RawString};
+
+pub mod apply;
+pub mod limits;
+pub mod plans;
+
+pub type Handler = fn(&Ctx, Args<'_>) -> CmdResult;
+
+/// Runs a handler for one call: errors become replies, panics become `ERR`.
+pub fn run(ctx: *mut raw::RedisModuleCtx, argv: *mut RawString, argc: c_int, handler: Handler) -> c_int {
+    let ctx = Ctx(ctx);
+    let argv: &[RawString] = match usize::try_from(argc) {
+        // SAFETY: Redis passes `argc` valid string pointers at `argv` for this call.
+        Ok(n) if !argv.is_null() => unsafe { std::slice::from_raw_parts(argv, n) },
+        _ => &[],
+    };
+    match catch_unwind(AssertUnwindSafe(|| handler(&ctx, Args::new(argv)))) {
+        Ok(Ok(())) => {}
+        Ok(Err(CmdError::WrongArity)) => ctx.reply_wrong_arity(),
+        Ok(Err(CmdError::WrongType)) => {
+            ctx.reply_error("WRONGTYPE Operation against a key holding the wrong kind of value")
+        }
+        Ok(Err(CmdError::Reply(text))) => ctx.reply_error(&text),
+        Err(_) => ctx.reply_error("ERR tollgate internal error (a bug: see the server log)"),
+    }
+    raw::REDISMODULE_OK as c_int
+}
+
+/// Defines the `extern "C"` entry point of a command.
+macro_rules! entry {
+    ($name:ident => $handler:path) => {
+        unsafe extern "C" fn $name(
+            ctx: *mut redis_module::raw::RedisModuleCtx,
+            argv: *mut $crate::server::RawString,
+            argc: std::os::raw::c_int,
+        ) -> std::os::raw::c_int {
+            $crate::commands::run(ctx, argv, argc, $handler)
+        }
+    };
+}
+
+entry!(acquire_entry => limits::acquire);
+entry!(peek_entry => limits::peek);
+entry!(throttle_entry => limits::throttle);
+entry!(plan_set_entry => plans::set);
+entry!(plan_get_entry => plans::get);
+entry!(plan_del_entry => plans::del);
+entry!(plan_list_entry => plans::list);
+entry!(apply_entry => apply::apply);
+
+type Entry = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut RawString, c_int) -> c_int;
+
+/// One registered command.
+pub struct Command {
+    pub name: &'static str,
+    entry: Entry,
+    pub flags: &'static str,
+    /// Key positions (first, last, step); 0,0,0 for keyless commands.
+    pub keys: (c_int, c_int, c_int),
+    pub summary: &'static CStr,
+}
+
+pub const COMMANDS: &[Command] = &[
+    Command {
+        name: "rl.acquire",
+        entry: acquire_entry,
+        flags: "write deny-oom",
+        keys: (1, 1, 1),
+        summary: c"Admit and charge a call if every limit of the plan admits it.",
+    },
+    Command {
+        name: "rl.peek",
+        entry: peek_entry,
+        flags: "readonly fast",
+        keys: (1, 1, 1),
+        summary: c"Answer what RL.ACQUIRE would, without charging anything.",
+    },
+    Command {
+        name: "rl.throttle",
+        entry: throttle_entry,
+        flags: "write deny-oom fast",
+        keys: (1, 1, 1),
+        summary: c"GCRA throttle with redis-cell's CL.THROTTLE arguments and reply.",
+    },
+    Command {
+        name: "rl.plan.set",
+        entry: plan_set_entry,
+        flags: "write deny-oom",
+        keys: (0, 0, 0),
+        summary: c"Set limits of a plan (validated as a whole).",
+    },
+    Command {
+        name: "rl.plan.get",
+        entry: plan_get_entry,
+        flags: "readonly fast",
+        keys: (0, 0, 0),
+        summary: c"Get the fields of a plan, like HGETALL.",
+    },
+    Command {
+        name: "rl.plan.del",
+        entry: plan_del_entry,
+        flags: "write",
+        keys: (0, 0, 0),
+        summary: c"Delete a plan, or some of its fields.",
+    },
+    Command {
+        name: "rl.plan.list",
+        entry: plan_list_entry,
+        flags: "readonly",
+        keys: (0, 0, 0),
+        summary: c"List plan names.",
+    },
+    Command {
+        name: "rl.apply",
+        entry: apply_entry,
+        flags: "write deny-oom",
+        keys: (1, 1, 1),
+        summary: c"Internal: apply replicated subject state (sent by primaries and the AOF).",
+    },
+];
+
+/// Registers every command; logs and fails on the first that cannot be created.
+pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
+    for command in COMMANDS {
+        let name = CString::new(command.name).map_err(|e| e.to_string())?;
+        let flags = CString::new(command.flags).map_err(|e| e.to_string())?;
+        let (first, last, step) = command.keys;
+        let status = api!(RedisModule_CreateCommand(
+            ctx,
+            name.as_ptr(),
+            Some(command.entry),
+            flags.as_ptr(),
+            first,
+            last,
+            step
+        ) else raw::REDISMODULE_ERR as c_int);
+        if status != raw::REDISMODULE_OK as c_int {
+            return Err(format!("cannot create command {}", command.name));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! `INFO tollgate`: counters of calls, admissions and denials by reason, plus plans.
+
+use std::ffi::CString;
+use std::os::raw::c_char;
+
+use redis_module::raw;
+
+use crate::server::api;
+use crate::state::STATE;
+
+fn field(ctx: *mut raw::RedisModuleInfoCtx, name: &str, value: u64) {
+    if let Ok(name) = CString::new(name) {
+        api!(RedisModule_InfoAddFieldULongLong(ctx, name.as_ptr(), value) else 0);
+    }
+}
+
+/// The `INFO` callback (registered at load).
+pub unsafe extern "C" fn info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: std::os::raw::c_int) {
+    let _ = std::panic::catch_unwind(|| {
+        let snapshot = STATE.with(|s| (s.stats.clone(), s.plans.len() as u64, s.plans.version(), s.plans.digest()));
+        let Ok((stats, plans, version, digest)) = snapshot else {
+            return;
+        };
+        api!(RedisModule_InfoAddSection(ctx, c"stats".as_ptr().cast_mut()) else 0);
+        field(ctx, "calls", stats.calls);
+        field(ctx, "admitted", stats.admitted);
+        field(ctx, "denied", stats.denied);
+        field(ctx, "denied_fixed", stats.denied_fixed);
+        field(ctx, "denied_sliding", stats.denied_sliding);
+        field(ctx, "denied_bucket", stats.denied_bucket);
+        field(ctx, "denied_concurrency", stats.denied_concurrency);
+        field(ctx, "denied_cap", stats.denied_cap);
+        field(ctx, "denied_endpoint", stats.denied_endpoint);
+        field(ctx, "denied_credits", stats.denied_credits);
+        field(ctx, "shadow_denied", stats.shadow_denied);
+        field(ctx, "fallback_admitted", stats.fallback_admitted);
+        field(ctx, "warn_crossed", stats.warn_crossed);
+        field(ctx, "releases", stats.releases);
+        field(ctx, "releases_unknown", stats.releases_unknown);
+        field(ctx, "touches", stats.touches);
+        field(ctx, "leases_active", stats.leases_active);
+        field(ctx, "waiting_clients", stats.waits_blocked.saturating_sub(stats.waits_admitted + stats.waits_timed_out));
+        field(ctx, "waits_admitted", stats.waits_admitted);
+        field(ctx, "waits_timed_out", stats.waits_timed_out);
+        api!(RedisModule_InfoAddSection(ctx, c"plans".as_ptr().cast_mut()) else 0);
+        field(ctx, "plans", plans);
+        field(ctx, "plans_version", version);
+        if let Ok(hex) = CString::new(format!("{digest:016x}")) {
+            api!(RedisModule_InfoAddFieldCString(ctx, c"plans_digest".as_ptr().cast_mut(), hex.as_ptr().cast_mut() as *mut c_char) else 0);
+        }
+    });
+}

@@ -1,0 +1,87 @@
+//! Module-global state: the plans, the layout interner, counters for `INFO` and
+//! scratch buffers reused by every call.
+//!
+//! Redis runs module commands, callbacks and persistence hooks on its main thread
+//! (or in a forked child, which has its own copy), so the state lives in a
+//! [`MainThread`] cell rather than behind a lock.
+
+use std::cell::RefCell;
+
+use tollgate_core::decide::{Outcome, Settings};
+use tollgate_core::layout::LayoutInterner;
+use tollgate_core::plan::Plans;
+
+/// Counters reported by `INFO tollgate`.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub calls: u64,
+    pub admitted: u64,
+    pub denied: u64,
+    pub denied_fixed: u64,
+    pub denied_sliding: u64,
+    pub denied_bucket: u64,
+    pub denied_concurrency: u64,
+    pub denied_cap: u64,
+    pub denied_endpoint: u64,
+    pub denied_credits: u64,
+    pub shadow_denied: u64,
+    pub fallback_admitted: u64,
+    pub releases: u64,
+    pub releases_unknown: u64,
+    pub touches: u64,
+    pub leases_active: u64,
+    pub warn_crossed: u64,
+    pub waits_blocked: u64,
+    pub waits_admitted: u64,
+    pub waits_timed_out: u64,
+}
+
+pub struct State {
+    pub plans: Plans,
+    pub interner: LayoutInterner,
+    pub stats: Stats,
+    pub settings: Settings,
+    /// Reused for every decision's per-limit outcomes.
+    pub outcomes: Vec<Outcome>,
+    /// Reused for every replicated payload.
+    pub payload: Vec<u8>,
+}
+
+/// A value only touched from Redis's main thread.
+pub struct MainThread<T>(RefCell<Option<T>>);
+
+// SAFETY: Redis calls module commands, key-type callbacks, aux load/save and events
+// on its main thread only (a forked child is a separate process with its own copy).
+unsafe impl<T> Sync for MainThread<T> {}
+
+impl<T> MainThread<T> {
+    pub const fn new() -> Self {
+        MainThread(RefCell::new(None))
+    }
+
+    pub fn init(&self, value: T) {
+        if let Ok(mut slot) = self.0.try_borrow_mut() {
+            *slot = Some(value);
+        }
+    }
+
+    /// Runs `f` on the value. Re-entrant use is a bug; it fails instead of aliasing.
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, &'static str> {
+        let mut guard = self.0.try_borrow_mut().map_err(|_| "module state is busy (re-entrant call)")?;
+        let value = guard.as_mut().ok_or("module state is not initialised")?;
+        Ok(f(value))
+    }
+}
+
+pub static STATE: MainThread<State> = MainThread::new();
+
+pub fn init() {
+    STATE.init(State {
+        plans: Plans::new(),
+        interner: LayoutInterner::new(),
+        stats: Stats::default(),
+        settings: Settings::default(),
+        outcomes: Vec::with_capacity(16),
+        payload: Vec::with_capacity(256),
+    });
+}

@@ -1,0 +1,101 @@
+//! Reading subjects from keys and writing them back: the key's absolute expiry, the
+//! replicated payload (`RL.APPLY key <delta>`), and the keyspace signal.
+//!
+//! Every write to a subject goes through [`write_back`], so persistence, expiry and
+//! replication are decided in one place.
+
+use tollgate_core::delta::{DeltaWriter, KeyExpiry};
+use tollgate_core::subject::{Expiry, Subject};
+
+use crate::args::CmdError;
+use crate::server::{Ctx, Key, KeyKind, RawString};
+use crate::subject_type::SUBJECT_TYPE;
+
+/// Opens `name` for writing and returns the subject it holds, if any.
+/// `WRONGTYPE` if it holds something else.
+pub fn open_subject(ctx: &Ctx, name: RawString, write: bool) -> Result<Key, CmdError> {
+    let key = ctx.open_key(name, write);
+    match key.kind(&SUBJECT_TYPE) {
+        KeyKind::Other => Err(CmdError::WrongType),
+        KeyKind::Empty | KeyKind::Ours => Ok(key),
+    }
+}
+
+/// The subject in an open key (checked with [`open_subject`]).
+pub fn subject_in(key: &Key) -> Option<&mut Subject> {
+    key.value_mut::<Subject>(&SUBJECT_TYPE)
+}
+
+/// What a write changed, beyond the limit part (which is always shipped).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Change<'a> {
+    /// Requests expired at this instant were purged first.
+    pub purged_at: Option<u64>,
+    /// This request was added or replaced.
+    pub put: Option<&'a [u8]>,
+    /// This request was removed.
+    pub removed: Option<&'a [u8]>,
+    /// The id sequence moved.
+    pub seq: bool,
+    /// The assigned plan changed.
+    pub assign: bool,
+}
+
+/// Stores `fresh` into an empty key (if given), then sets the key's expiry from the
+/// subject's state, replicates the change and signals the key as modified.
+/// `payload` is a reusable buffer.
+pub fn write_back(
+    ctx: &Ctx,
+    key: &Key,
+    name: RawString,
+    fresh: Option<Box<Subject>>,
+    change: Change<'_>,
+    payload: &mut Vec<u8>,
+) -> Result<(), CmdError> {
+    if let Some(subject) = fresh {
+        if subject.expiry() == Expiry::Idle {
+            // Nothing to remember (e.g. a zero-cost call on a new subject).
+            return Ok(());
+        }
+        if !key.set_value(&SUBJECT_TYPE, subject) {
+            return Err(CmdError::err("cannot store the subject key"));
+        }
+    }
+    let Some(subject) = subject_in(key) else {
+        return Ok(());
+    };
+    let expiry = match subject.expiry() {
+        Expiry::Idle => KeyExpiry::Delete,
+        Expiry::At(at) => KeyExpiry::At(at),
+        Expiry::Never => KeyExpiry::Persist,
+    };
+    let mut delta = DeltaWriter::new(std::mem::take(payload));
+    if let Some(at) = change.purged_at {
+        delta.purge(at);
+    }
+    delta.limits(subject);
+    if let Some(id) = change.removed {
+        delta.remove(id);
+    }
+    if let Some((id, request)) = change.put.and_then(|id| subject.requests().and_then(|t| t.get(id)).map(|r| (id, r))) {
+        delta.put(id, request);
+    }
+    if change.seq {
+        delta.seq(subject.extra.as_deref().map_or(0, |e| e.next_seq));
+    }
+    if change.assign {
+        delta.assign(subject.assigned());
+    }
+    delta.expiry(expiry);
+    let bytes = delta.finish();
+    ctx.replicate(c"RL.APPLY", name, &bytes);
+    *payload = bytes;
+    match expiry {
+        KeyExpiry::At(at) => key.set_expire_at(at),
+        KeyExpiry::Persist => key.persist(),
+        KeyExpiry::Delete => key.delete(),
+        KeyExpiry::Keep => {}
+    }
+    ctx.signal_modified(name);
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The `rlsubject` data type: one subject's state per key, with every callback Redis
+//! needs (RDB, AOF rewrite, DUMP/RESTORE, COPY, MEMORY USAGE, DEBUG DIGEST), plus the
+//! module's plans carried as RDB aux data.
+//!
+//! The RDB value is one string: the versioned encoding of [`Subject::encode`]. Loading
+//! validates everything and returns NULL on any error (with `handle-io-errors`), so a
+//! corrupt payload fails the load or the RESTORE instead of crashing the server.
+
+use std::os::raw::{c_char, c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+
+use redis_module::native_types::RedisType;
+use redis_module::raw;
+use tollgate_core::codec::{Reader, Writer};
+use tollgate_core::delta::{DeltaWriter, KeyExpiry};
+use tollgate_core::plan::Plans;
+use tollgate_core::subject::Subject;
+
+use crate::server::api;
+use crate::state::STATE;
+
+/// Version of the subject encoding (passed back to `rdb_load`).
+pub const SUBJECT_ENCODING: i32 = 1;
+/// Version of the plans aux encoding.
+const PLANS_ENCODING: c_int = 1;
+
+pub static SUBJECT_TYPE: RedisType = RedisType::new(
+    "rlsubject",
+    SUBJECT_ENCODING,
+    raw::RedisModuleTypeMethods {
+        version: raw::REDISMODULE_TYPE_METHOD_VERSION as u64,
+        rdb_load: Some(rdb_load),
+        rdb_save: Some(rdb_save),
+        aof_rewrite: Some(aof_rewrite),
+        mem_usage: Some(mem_usage),
+        digest: Some(digest),
+        free: Some(free),
+        aux_load: Some(aux_load),
+        aux_save: Some(aux_save),
+        aux_save_triggers: raw::REDISMODULE_AUX_BEFORE_RDB as c_int,
+        free_effort: None,
+        unlink: None,
+        copy: Some(copy),
+        defrag: None,
+        mem_usage2: None,
+        free_effort2: None,
+        unlink2: None,
+        copy2: None,
+        aux_save2: None,
+    },
+);
+
+/// The most requests a key may hold when loading (the runtime cap is a config and
+/// may have been higher when the key was saved).
+const LOAD_MAX_REQUESTS: usize = 10_000_000;
+
+fn encode(subject: &Subject) -> Vec<u8> {
+    let mut w = Writer::new();
+    subject.encode(&mut w);
+    w.into_inner()
+}
+
+/// Runs `f`, turning a panic into `fallback` (a panic must never unwind into Redis).
+fn guarded<R>(fallback: R, f: impl FnOnce() -> R) -> R {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+/// Reads one string buffer from an RDB stream.
+fn load_buffer(io: *mut raw::RedisModuleIO) -> Option<Vec<u8>> {
+    let mut len: usize = 0;
+    let ptr = api!(RedisModule_LoadStringBuffer(io, &mut len) else ptr::null_mut());
+    if ptr.is_null() || api!(RedisModule_IsIOError(io) else 0) != 0 {
+        if !ptr.is_null() {
+            api!(RedisModule_Free(ptr.cast::<c_void>()) else ());
+        }
+        return None;
+    }
+    // SAFETY: Redis returned `len` bytes at `ptr`, which we copy and then free.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) }.to_vec();
+    api!(RedisModule_Free(ptr.cast::<c_void>()) else ());
+    Some(bytes)
+}
+
+fn save_buffer(io: *mut raw::RedisModuleIO, bytes: &[u8]) {
+    api!(RedisModule_SaveStringBuffer(io, bytes.as_ptr().cast::<c_char>(), bytes.len()) else ());
+}
+
+unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
+    guarded(ptr::null_mut(), || {
+        if encver != SUBJECT_ENCODING {
+            crate::server::log_warning(&format!(
+                "cannot load rlsubject encoding {encver} (this build reads {SUBJECT_ENCODING})"
+            ));
+            return ptr::null_mut();
+        }
+        let Some(bytes) = load_buffer(io) else {
+            return ptr::null_mut();
+        };
+        let decoded = STATE.with(|s| Subject::decode(&bytes, &mut s.interner, LOAD_MAX_REQUESTS));
+        match decoded {
+            Ok(Ok(subject)) => Box::into_raw(Box::new(subject)).cast::<c_void>(),
+            Ok(Err(e)) => {
+                crate::server::log_warning(&format!("refusing a corrupt rlsubject value: {e}"));
+                ptr::null_mut()
+            }
+            Err(e) => {
+                crate::server::log_warning(&format!("cannot load rlsubject: {e}"));
+                ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// # Safety
+/// `value` is a `Subject` this module created.
+unsafe fn subject_ref<'a>(value: *const c_void) -> Option<&'a Subject> {
+    // SAFETY: values of this type are always `Box<Subject>` pointers.
+    unsafe { value.cast::<Subject>().as_ref() }
+}
+
+unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
+    guarded((), || {
+        if let Some(subject) = unsafe { subject_ref(value) } {
+            save_buffer(io, &encode(subject));
+        }
+    })
+}
+
+unsafe extern "C" fn aof_rewrite(io: *mut raw::RedisModuleIO, key: *mut raw::RedisModuleString, value: *mut c_void) {
+    guarded((), || {
+        if let Some(subject) = unsafe { subject_ref(value) } {
+            let mut delta = DeltaWriter::new(Vec::new());
+            // Redis appends the key's PEXPIREAT itself after this command.
+            delta.full(subject).expiry(KeyExpiry::Keep);
+            let payload = delta.finish();
+            api!(RedisModule_EmitAOF(
+                io,
+                c"RL.APPLY".as_ptr(),
+                c"sb".as_ptr(),
+                key,
+                payload.as_ptr().cast::<c_char>(),
+                payload.len()
+            ) else ());
+        }
+    })
+}
+
+unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
+    guarded(0, || unsafe { subject_ref(value) }.map_or(0, Subject::mem_usage))
+}
+
+unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void) {
+    guarded((), || {
+        if let Some(subject) = unsafe { subject_ref(value) } {
+            let bytes = encode(subject);
+            api!(RedisModule_DigestAddStringBuffer(md, bytes.as_ptr().cast::<c_char>(), bytes.len()) else ());
+            api!(RedisModule_DigestEndSequence(md) else ());
+        }
+    })
+}
+
+unsafe extern "C" fn free(value: *mut c_void) {
+    if !value.is_null() {
+        // SAFETY: values of this type are `Box<Subject>` pointers, freed exactly once.
+        guarded((), || drop(unsafe { Box::from_raw(value.cast::<Subject>()) }));
+    }
+}
+
+unsafe extern "C" fn copy(
+    _from: *mut raw::RedisModuleString,
+    _to: *mut raw::RedisModuleString,
+    value: *const c_void,
+) -> *mut c_void {
+    guarded(ptr::null_mut(), || match unsafe { subject_ref(value) } {
+        Some(subject) => Box::into_raw(Box::new(subject.clone())).cast::<c_void>(),
+        None => ptr::null_mut(),
+    })
+}
+
+unsafe extern "C" fn aux_save(io: *mut raw::RedisModuleIO, when: c_int) {
+    guarded((), || {
+        if when != raw::REDISMODULE_AUX_BEFORE_RDB as c_int {
+            return;
+        }
+        let bytes = STATE.with(|s| {
+            let mut w = Writer::new();
+            s.plans.encode(&mut w);
+            w.into_inner()
+        });
+        match bytes {
+            Ok(bytes) => {
+                api!(RedisModule_SaveUnsigned(io, PLANS_ENCODING as u64) else ());
+                save_buffer(io, &bytes);
+            }
+            Err(e) => crate::server::log_warning(&format!("cannot save plans: {e}")),
+        }
+    })
+}
+
+unsafe extern "C" fn aux_load(io: *mut raw::RedisModuleIO, _encver: c_int, when: c_int) -> c_int {
+    let err = raw::REDISMODULE_ERR as c_int;
+    guarded(err, || {
+        if when != raw::REDISMODULE_AUX_BEFORE_RDB as c_int {
+            return err;
+        }
+        let version = api!(RedisModule_LoadUnsigned(io) else 0);
+        if api!(RedisModule_IsIOError(io) else 0) != 0 || version != PLANS_ENCODING as u64 {
+            crate::server::log_warning(&format!("unknown plans encoding {version}"));
+            return err;
+        }
+        let Some(bytes) = load_buffer(io) else {
+            return err;
+        };
+        let loaded = STATE.with(|s| match Plans::decode(&mut Reader::new(&bytes), &mut s.interner) {
+            Ok(plans) => {
+                s.plans = plans;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        });
+        match loaded {
+            Ok(Ok(())) => raw::REDISMODULE_OK as c_int,
+            Ok(Err(e)) => {
+                crate::server::log_warning(&format!("refusing corrupt plans: {e}"));
+                err
+            }
+            Err(e) => {
+                crate::server::log_warning(&format!("cannot load plans: {e}"));
+                err
+            }
+        }
+    })
+}

@@ -1,0 +1,354 @@
+//! Real servers for the integration tests.
+//!
+//! Each test starts its own `redis-server` (or `valkey-server`, see
+//! `TOLLGATE_SERVER`) with the freshly built module, on a free loopback port and in
+//! its own directory; the server is killed and the directory removed on drop. A
+//! missing server binary or module fails the test loudly — nothing is skipped.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::{Connection, Value};
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// The server binary under test: `$TOLLGATE_SERVER`, else `redis-server` on the PATH.
+pub fn server_binary() -> String {
+    std::env::var("TOLLGATE_SERVER").unwrap_or_else(|_| "redis-server".to_string())
+}
+
+/// The module under test: `$TOLLGATE_MODULE`, else the debug build.
+pub fn module_path() -> PathBuf {
+    let path = std::env::var("TOLLGATE_MODULE").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/libtollgate.so")
+    });
+    assert!(
+        path.exists(),
+        "module {} not found: build it first (`cargo build`, or `make test` which does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A running server; killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    args: Vec<String>,
+    keep_dir: bool,
+}
+
+impl Server {
+    /// A server with the module and the default test configuration.
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A server with extra `--name value` arguments.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the server directory");
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Server::launch(dir, args)
+    }
+
+    fn launch(dir: PathBuf, args: Vec<String>) -> Server {
+        let binary = server_binary();
+        let module = module_path();
+        let mut last_error = String::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .arg("--bind")
+                .arg("127.0.0.1")
+                .arg("--save")
+                .arg("")
+                .arg("--dir")
+                .arg(&dir)
+                .arg("--logfile")
+                .arg(dir.join("server.log"))
+                .arg("--enable-debug-command")
+                .arg("yes")
+                .arg("--repl-diskless-sync-delay")
+                .arg("0")
+                .arg("--loadmodule")
+                .arg(&module)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let child = cmd.spawn().unwrap_or_else(|e| {
+                panic!("cannot start '{binary}': {e} (install redis-server, or set TOLLGATE_SERVER)")
+            });
+            let mut server = Server { child: Some(child), port, dir: dir.clone(), args: args.clone(), keep_dir: false };
+            match server.wait_ready() {
+                Ok(()) => return server,
+                Err(e) => {
+                    last_error = e;
+                    server.keep_dir = true;
+                    server.kill();
+                }
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        panic!("server did not start: {last_error}\n--- server.log ---\n{log}");
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("server exited: {status}"));
+                }
+            }
+            if let Ok(mut con) = self.try_client() {
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut con);
+                if pong.is_ok() {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("timed out waiting for PING".into())
+    }
+
+    fn try_client(&self) -> redis::RedisResult<Connection> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        client.get_connection_with_timeout(Duration::from_secs(5))
+    }
+
+    /// A RESP2 connection.
+    pub fn client(&self) -> Connection {
+        self.try_client().expect("connect to the test server")
+    }
+
+    /// A RESP3 connection.
+    pub fn client_resp3(&self) -> Connection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", self.port))
+            .expect("client");
+        client.get_connection_with_timeout(Duration::from_secs(5)).expect("connect with RESP3")
+    }
+
+    /// Kills the server with SIGKILL (no shutdown save), keeping its directory.
+    pub fn kill9(&mut self) {
+        self.keep_dir = true;
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a new server on the same directory and arguments (after `kill9`).
+    pub fn restart(mut self) -> Server {
+        self.kill();
+        self.keep_dir = true;
+        let dir = self.dir.clone();
+        let args = self.args.clone();
+        drop(self);
+        Server::launch(dir, args)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs a command and returns its reply or its error.
+pub fn try_run(con: &mut Connection, args: &[&str]) -> Result<Value, String> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query::<Value>(con).map_err(|e| error_text(&e))
+}
+
+/// The reply text of a command error, e.g. `ERR unknown plan 'x'`.
+pub fn error_text(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        (Some(code), None) => code.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// Runs a command that must succeed.
+pub fn run(con: &mut Connection, args: &[&str]) -> Value {
+    try_run(con, args).unwrap_or_else(|e| panic!("{args:?} failed: {e}"))
+}
+
+/// Runs a command that must fail and returns its error text.
+pub fn err(con: &mut Connection, args: &[&str]) -> String {
+    match try_run(con, args) {
+        Err(e) => e,
+        Ok(v) => panic!("{args:?}: expected an error, got {v:?}"),
+    }
+}
+
+pub fn int(con: &mut Connection, args: &[&str]) -> i64 {
+    match run(con, args) {
+        Value::Int(n) => n,
+        other => panic!("{args:?}: expected an integer, got {other:?}"),
+    }
+}
+
+pub fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Okay => "OK".into(),
+        Value::Nil => "(nil)".into(),
+        Value::Int(n) => n.to_string(),
+        other => panic!("expected a string, got {other:?}"),
+    }
+}
+
+pub fn string(con: &mut Connection, args: &[&str]) -> String {
+    text(&run(con, args))
+}
+
+/// A reply map (RESP3 map or RESP2 flat array) by field name.
+pub fn map_of(v: &Value) -> HashMap<String, Value> {
+    match v {
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
+        Value::Array(items) if items.len() % 2 == 0 => {
+            items.chunks(2).map(|kv| (text(&kv[0]), kv[1].clone())).collect()
+        }
+        other => panic!("expected a map, got {other:?}"),
+    }
+}
+
+/// A decoded `RL.ACQUIRE` / `RL.PEEK` reply.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub fields: HashMap<String, Value>,
+    pub limits: Vec<HashMap<String, Value>>,
+}
+
+impl Decision {
+    pub fn from(v: &Value) -> Decision {
+        let fields = map_of(v);
+        let limits = match fields.get("limits") {
+            Some(Value::Array(items)) => items.iter().map(map_of).collect(),
+            other => panic!("decision without limits: {other:?}"),
+        };
+        Decision { fields, limits }
+    }
+
+    pub fn allowed(&self) -> bool {
+        self.int("allowed") == 1
+    }
+
+    pub fn int(&self, field: &str) -> i64 {
+        match self.fields.get(field) {
+            Some(Value::Int(n)) => *n,
+            other => panic!("field {field}: expected an integer, got {other:?}"),
+        }
+    }
+
+    pub fn str(&self, field: &str) -> Option<String> {
+        match self.fields.get(field) {
+            None | Some(Value::Nil) => None,
+            Some(v) => Some(text(v)),
+        }
+    }
+
+    pub fn retry_after_ms(&self) -> i64 {
+        self.int("retry_after_ms")
+    }
+
+    /// A field of the limit named `name`.
+    pub fn limit(&self, name: &str, field: &str) -> i64 {
+        let limit = self
+            .limits
+            .iter()
+            .find(|l| l.get("name").map(text).as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no limit {name} in {:?}", self.limits));
+        match limit.get(field) {
+            Some(Value::Int(n)) => *n,
+            other => panic!("limit {name} field {field}: {other:?}"),
+        }
+    }
+
+    pub fn remaining(&self, name: &str) -> i64 {
+        self.limit(name, "remaining")
+    }
+}
+
+pub fn decision(con: &mut Connection, args: &[&str]) -> Decision {
+    Decision::from(&run(con, args))
+}
+
+/// `DEBUG DIGEST` of the whole dataset.
+pub fn digest(con: &mut Connection) -> String {
+    string(con, &["DEBUG", "DIGEST"])
+}
+
+/// Waits until `f` holds, or panics with `what` after `secs` seconds.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Makes `replica` replicate `primary` and waits for the link and the initial sync.
+pub fn attach_replica(primary: &Server, replica: &Server) {
+    let mut r = replica.client();
+    assert_eq!(string(&mut r, &["REPLICAOF", "127.0.0.1", &primary.port.to_string()]), "OK");
+    wait_until(20, "master_link_status:up", || {
+        string(&mut r, &["INFO", "replication"]).contains("master_link_status:up")
+    });
+}
+
+/// Waits until the replica has processed everything the primary sent.
+pub fn wait_in_sync(primary: &Server, replica: &Server) {
+    let mut p = primary.client();
+    let mut r = replica.client();
+    wait_until(20, "replica offset to catch up", || {
+        let offset = |info: String| -> i64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix("master_repl_offset:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(-1)
+        };
+        let primary_offset = offset(string(&mut p, &["INFO", "replication"]));
+        let replica_offset = offset(string(&mut r, &["INFO", "replication"]));
+        primary_offset >= 0 && primary_offset == replica_offset
+    });
+}
