@@ -53,7 +53,8 @@ impl<'a> Args<'a> {
     /// Argument `i` as UTF-8 text, or an error naming it.
     pub fn str(&self, i: usize, what: &str) -> Result<&'a str, CmdError> {
         let bytes = self.bytes(i).ok_or(CmdError::WrongArity)?;
-        std::str::from_utf8(bytes).map_err(|_| CmdError::err(format_args!("{what} is not valid UTF-8")))
+        std::str::from_utf8(bytes)
+            .map_err(|_| CmdError::err(format_args!("{what} is not valid UTF-8")))
     }
 
     /// Argument `i` as a name (limit, unit, plan or endpoint).
@@ -76,7 +77,8 @@ impl<'a> Args<'a> {
 
     /// Whether argument `i` equals `keyword`, ignoring ASCII case.
     pub fn is(&self, i: usize, keyword: &str) -> bool {
-        self.bytes(i).is_some_and(|b| b.eq_ignore_ascii_case(keyword.as_bytes()))
+        self.bytes(i)
+            .is_some_and(|b| b.eq_ignore_ascii_case(keyword.as_bytes()))
     }
 }
 
@@ -93,7 +95,9 @@ pub fn parse_u64(bytes: &[u8], what: &str) -> Result<u64, CmdError> {
         value = value
             .checked_mul(10)
             .and_then(|v| v.checked_add(u64::from(b - b'0')))
-            .ok_or_else(|| CmdError::err(format_args!("{what} is larger than 18446744073709551615")))?;
+            .ok_or_else(|| {
+                CmdError::err(format_args!("{what} is larger than 18446744073709551615"))
+            })?;
     }
     Ok(value)
 }

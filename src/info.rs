@@ -15,9 +15,19 @@ fn field(ctx: *mut raw::RedisModuleInfoCtx, name: &str, value: u64) {
 }
 
 /// The `INFO` callback (registered at load).
-pub unsafe extern "C" fn info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: std::os::raw::c_int) {
+pub unsafe extern "C" fn info(
+    ctx: *mut raw::RedisModuleInfoCtx,
+    _for_crash_report: std::os::raw::c_int,
+) {
     let _ = std::panic::catch_unwind(|| {
-        let snapshot = STATE.with(|s| (s.stats.clone(), s.plans.len() as u64, s.plans.version(), s.plans.digest()));
+        let snapshot = STATE.with(|s| {
+            (
+                s.stats.clone(),
+                s.plans.len() as u64,
+                s.plans.version(),
+                s.plans.digest(),
+            )
+        });
         let Ok((stats, plans, version, digest)) = snapshot else {
             return;
         };
@@ -39,7 +49,13 @@ pub unsafe extern "C" fn info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_repo
         field(ctx, "releases_unknown", stats.releases_unknown);
         field(ctx, "touches", stats.touches);
         field(ctx, "leases_active", stats.leases_active);
-        field(ctx, "waiting_clients", stats.waits_blocked.saturating_sub(stats.waits_admitted + stats.waits_timed_out));
+        field(
+            ctx,
+            "waiting_clients",
+            stats
+                .waits_blocked
+                .saturating_sub(stats.waits_admitted + stats.waits_timed_out),
+        );
         field(ctx, "waits_admitted", stats.waits_admitted);
         field(ctx, "waits_timed_out", stats.waits_timed_out);
         api!(RedisModule_InfoAddSection(ctx, c"plans".as_ptr().cast_mut()) else 0);

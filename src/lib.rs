@@ -63,14 +63,18 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
         crate::server::log_warning(&format!("panic (the command replied ERR): {info}"));
     }));
     state::init();
-    let options = raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS | raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED;
+    let options = raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS
+        | raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED;
     api!(RedisModule_SetModuleOptions(ctx.ctx, options as c_int) else ());
     if let Err(e) = commands::register(ctx.ctx) {
         ctx.log_warning(&format!("{e}"));
         return Status::Err;
     }
     api!(RedisModule_RegisterInfoFunc(ctx.ctx, Some(info::info)) else 0);
-    let config_event = raw::RedisModuleEvent { id: raw::REDISMODULE_EVENT_CONFIG, dataver: 1 };
+    let config_event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_CONFIG,
+        dataver: 1,
+    };
     api!(RedisModule_SubscribeToServerEvent(ctx.ctx, config_event, Some(on_config_change)) else 0);
     Status::Ok
 }

@@ -33,18 +33,43 @@ pub fn missing_api() -> Vec<&'static str> {
         };
     }
     need!(
-        RedisModule_CreateCommand, RedisModule_GetCommand, RedisModule_SetCommandInfo,
-        RedisModule_StringPtrLen, RedisModule_OpenKey, RedisModule_CloseKey, RedisModule_KeyType,
-        RedisModule_ModuleTypeGetType, RedisModule_ModuleTypeGetValue, RedisModule_ModuleTypeSetValue,
-        RedisModule_DeleteKey, RedisModule_GetAbsExpire, RedisModule_SetAbsExpire, RedisModule_SetExpire,
-        RedisModule_SignalModifiedKey, RedisModule_Replicate, RedisModule_ReplicateVerbatim,
-        RedisModule_ReplyWithMap, RedisModule_ReplyWithArray, RedisModule_ReplyWithLongLong,
-        RedisModule_ReplyWithStringBuffer, RedisModule_ReplyWithCString, RedisModule_ReplyWithNull,
-        RedisModule_ReplyWithError, RedisModule_ReplyWithSimpleString, RedisModule_WrongArity,
-        RedisModule_Milliseconds, RedisModule_GetContextFlags, RedisModule_EmitAOF,
-        RedisModule_SaveStringBuffer, RedisModule_LoadStringBuffer, RedisModule_DigestAddStringBuffer,
-        RedisModule_DigestEndSequence, RedisModule_Free, RedisModule_SetModuleOptions,
-        RedisModule_NotifyKeyspaceEvent, RedisModule_GetSelectedDb,
+        RedisModule_CreateCommand,
+        RedisModule_GetCommand,
+        RedisModule_SetCommandInfo,
+        RedisModule_StringPtrLen,
+        RedisModule_OpenKey,
+        RedisModule_CloseKey,
+        RedisModule_KeyType,
+        RedisModule_ModuleTypeGetType,
+        RedisModule_ModuleTypeGetValue,
+        RedisModule_ModuleTypeSetValue,
+        RedisModule_DeleteKey,
+        RedisModule_GetAbsExpire,
+        RedisModule_SetAbsExpire,
+        RedisModule_SetExpire,
+        RedisModule_SignalModifiedKey,
+        RedisModule_Replicate,
+        RedisModule_ReplicateVerbatim,
+        RedisModule_ReplyWithMap,
+        RedisModule_ReplyWithArray,
+        RedisModule_ReplyWithLongLong,
+        RedisModule_ReplyWithStringBuffer,
+        RedisModule_ReplyWithCString,
+        RedisModule_ReplyWithNull,
+        RedisModule_ReplyWithError,
+        RedisModule_ReplyWithSimpleString,
+        RedisModule_WrongArity,
+        RedisModule_Milliseconds,
+        RedisModule_GetContextFlags,
+        RedisModule_EmitAOF,
+        RedisModule_SaveStringBuffer,
+        RedisModule_LoadStringBuffer,
+        RedisModule_DigestAddStringBuffer,
+        RedisModule_DigestEndSequence,
+        RedisModule_Free,
+        RedisModule_SetModuleOptions,
+        RedisModule_NotifyKeyspaceEvent,
+        RedisModule_GetSelectedDb,
     );
     missing
 }
@@ -111,7 +136,10 @@ impl Ctx {
 
     /// An error reply; `message` starts with its code (`ERR ...`).
     pub fn reply_error(&self, message: &str) {
-        let mut text: Vec<u8> = message.bytes().filter(|&b| b != 0 && b != b'\r' && b != b'\n').collect();
+        let mut text: Vec<u8> = message
+            .bytes()
+            .filter(|&b| b != 0 && b != b'\r' && b != b'\n')
+            .collect();
         text.push(0);
         api!(RedisModule_ReplyWithError(self.0, text.as_ptr().cast::<c_char>()) else 0);
     }
@@ -161,11 +189,14 @@ impl Ctx {
     }
 
     pub fn open_key(&self, name: RawString, write: bool) -> Key {
-        let mode = if write { raw::REDISMODULE_READ | raw::REDISMODULE_WRITE } else { raw::REDISMODULE_READ };
+        let mode = if write {
+            raw::REDISMODULE_READ | raw::REDISMODULE_WRITE
+        } else {
+            raw::REDISMODULE_READ
+        };
         let ptr = api!(RedisModule_OpenKey(self.0, name, mode as c_int) else ptr::null_mut());
         Key { ptr: ptr.cast() }
     }
-
 }
 
 /// Logs a warning as `<tollgate> message` (from any callback, with or without a ctx).

@@ -67,7 +67,10 @@ impl<T> MainThread<T> {
 
     /// Runs `f` on the value. Re-entrant use is a bug; it fails instead of aliasing.
     pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, &'static str> {
-        let mut guard = self.0.try_borrow_mut().map_err(|_| "module state is busy (re-entrant call)")?;
+        let mut guard = self
+            .0
+            .try_borrow_mut()
+            .map_err(|_| "module state is busy (re-entrant call)")?;
         let value = guard.as_mut().ok_or("module state is not initialised")?;
         Ok(f(value))
     }

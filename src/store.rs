@@ -77,7 +77,10 @@ pub fn write_back(
     if let Some(id) = change.removed {
         delta.remove(id);
     }
-    if let Some((id, request)) = change.put.and_then(|id| subject.requests().and_then(|t| t.get(id)).map(|r| (id, r))) {
+    if let Some((id, request)) = change
+        .put
+        .and_then(|id| subject.requests().and_then(|t| t.get(id)).map(|r| (id, r)))
+    {
         delta.put(id, request);
     }
     if change.seq {

@@ -127,7 +127,11 @@ unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
     })
 }
 
-unsafe extern "C" fn aof_rewrite(io: *mut raw::RedisModuleIO, key: *mut raw::RedisModuleString, value: *mut c_void) {
+unsafe extern "C" fn aof_rewrite(
+    io: *mut raw::RedisModuleIO,
+    key: *mut raw::RedisModuleString,
+    value: *mut c_void,
+) {
     guarded((), || {
         if let Some(subject) = unsafe { subject_ref(value) } {
             let mut delta = DeltaWriter::new(Vec::new());
@@ -147,7 +151,9 @@ unsafe extern "C" fn aof_rewrite(io: *mut raw::RedisModuleIO, key: *mut raw::Red
 }
 
 unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
-    guarded(0, || unsafe { subject_ref(value) }.map_or(0, Subject::mem_usage))
+    guarded(0, || {
+        unsafe { subject_ref(value) }.map_or(0, Subject::mem_usage)
+    })
 }
 
 unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void) {
@@ -163,7 +169,9 @@ unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void)
 unsafe extern "C" fn free(value: *mut c_void) {
     if !value.is_null() {
         // SAFETY: values of this type are `Box<Subject>` pointers, freed exactly once.
-        guarded((), || drop(unsafe { Box::from_raw(value.cast::<Subject>()) }));
+        guarded((), || {
+            drop(unsafe { Box::from_raw(value.cast::<Subject>()) })
+        });
     }
 }
 
@@ -212,13 +220,16 @@ unsafe extern "C" fn aux_load(io: *mut raw::RedisModuleIO, _encver: c_int, when:
         let Some(bytes) = load_buffer(io) else {
             return err;
         };
-        let loaded = STATE.with(|s| match Plans::decode(&mut Reader::new(&bytes), &mut s.interner) {
-            Ok(plans) => {
-                s.plans = plans;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        });
+        let loaded =
+            STATE.with(
+                |s| match Plans::decode(&mut Reader::new(&bytes), &mut s.interner) {
+                    Ok(plans) => {
+                        s.plans = plans;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            );
         match loaded {
             Ok(Ok(())) => raw::REDISMODULE_OK as c_int,
             Ok(Err(e)) => {

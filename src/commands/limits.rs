@@ -19,7 +19,9 @@ use crate::store::{open_subject, subject_in, write_back, Change};
 /// Most `COST` units one call may name.
 pub const MAX_COST_UNITS: usize = 16;
 
-const KEYWORDS: [&str; 7] = ["COST", "ENDPOINT", "ID", "TTL", "WAIT", "PRIORITY", "CREDITS"];
+const KEYWORDS: [&str; 7] = [
+    "COST", "ENDPOINT", "ID", "TTL", "WAIT", "PRIORITY", "CREDITS",
+];
 
 /// A parsed `RL.ACQUIRE` / `RL.PEEK`.
 struct CallArgs<'a> {
@@ -36,7 +38,10 @@ struct CallArgs<'a> {
 impl<'a> CallArgs<'a> {
     fn call(&'a self) -> Call<'a> {
         Call {
-            costs: Costs { request: self.request, units: self.units.get(..self.nunits).unwrap_or(&[]) },
+            costs: Costs {
+                request: self.request,
+                units: self.units.get(..self.nunits).unwrap_or(&[]),
+            },
             endpoint: self.endpoint,
             id: self.id,
             ttl_ms: self.ttl_ms,
@@ -53,7 +58,10 @@ fn value_at(args: &Args<'_>, i: usize) -> Result<usize, CmdError> {
     if i + 1 < args.len() {
         Ok(i + 1)
     } else {
-        Err(CmdError::err(format_args!("{} needs a value", printable(args.bytes(i).unwrap_or(b"")))))
+        Err(CmdError::err(format_args!(
+            "{} needs a value",
+            printable(args.bytes(i).unwrap_or(b""))
+        )))
     }
 }
 
@@ -100,24 +108,29 @@ fn parse_call<'a>(args: &Args<'a>, acquire: bool) -> Result<CallArgs<'a>, CmdErr
             while i < args.len() && !is_keyword(args, i) {
                 let unit = args.name(i, "COST unit")?;
                 if i + 1 >= args.len() {
-                    return Err(CmdError::err(format_args!("COST unit '{unit}' has no amount")));
+                    return Err(CmdError::err(format_args!(
+                        "COST unit '{unit}' has no amount"
+                    )));
                 }
                 let amount = args.u64(i + 1, "COST amount")?;
                 if unit == DEFAULT_UNIT {
                     if request_given {
-                        return Err(CmdError::err("the request cost is given twice (units and COST request)"));
+                        return Err(CmdError::err(
+                            "the request cost is given twice (units and COST request)",
+                        ));
                     }
                     request_given = true;
                     parsed.request = amount;
                 } else {
                     let taken = parsed.units.get(..parsed.nunits).unwrap_or(&[]);
                     if taken.iter().any(|(u, _)| *u == unit) {
-                        return Err(CmdError::err(format_args!("COST unit '{unit}' given twice")));
+                        return Err(CmdError::err(format_args!(
+                            "COST unit '{unit}' given twice"
+                        )));
                     }
-                    let slot = parsed
-                        .units
-                        .get_mut(parsed.nunits)
-                        .ok_or_else(|| CmdError::err(format_args!("COST names more than {MAX_COST_UNITS} units")))?;
+                    let slot = parsed.units.get_mut(parsed.nunits).ok_or_else(|| {
+                        CmdError::err(format_args!("COST names more than {MAX_COST_UNITS} units"))
+                    })?;
                     *slot = (unit, amount);
                     parsed.nunits += 1;
                 }
@@ -135,7 +148,9 @@ fn parse_call<'a>(args: &Args<'a>, acquire: bool) -> Result<CallArgs<'a>, CmdErr
             }
             let id = args.bytes(value_at(args, i)?).unwrap_or(b"");
             if id.is_empty() || id.len() > MAX_ID_LEN {
-                return Err(CmdError::err(format_args!("ID must be 1 to {MAX_ID_LEN} bytes")));
+                return Err(CmdError::err(format_args!(
+                    "ID must be 1 to {MAX_ID_LEN} bytes"
+                )));
             }
             parsed.id = Some(id);
             i += 2;
@@ -145,7 +160,9 @@ fn parse_call<'a>(args: &Args<'a>, acquire: bool) -> Result<CallArgs<'a>, CmdErr
             }
             let ttl = args.u64(value_at(args, i)?, "TTL")?;
             if ttl == 0 || ttl > MAX_WINDOW_MS {
-                return Err(CmdError::err(format_args!("TTL must be between 1 and {MAX_WINDOW_MS} ms")));
+                return Err(CmdError::err(format_args!(
+                    "TTL must be between 1 and {MAX_WINDOW_MS} ms"
+                )));
             }
             parsed.ttl_ms = Some(ttl);
             i += 2;
@@ -153,7 +170,11 @@ fn parse_call<'a>(args: &Args<'a>, acquire: bool) -> Result<CallArgs<'a>, CmdErr
             return Err(CmdError::err(format_args!(
                 "unexpected argument '{}' (expected {})",
                 printable(args.bytes(i).unwrap_or(b"")),
-                if acquire { "COST, ENDPOINT, ID or TTL" } else { "COST or ENDPOINT" }
+                if acquire {
+                    "COST, ENDPOINT, ID or TTL"
+                } else {
+                    "COST or ENDPOINT"
+                }
             )));
         }
     }
@@ -162,19 +183,29 @@ fn parse_call<'a>(args: &Args<'a>, acquire: bool) -> Result<CallArgs<'a>, CmdErr
 
 /// The plan a call names: a plan name, or `*` for the subject's assigned plan, else
 /// the default plan.
-pub fn resolve_plan(plans: &Plans, name: &str, subject: Option<&Subject>) -> Result<Arc<Plan>, CmdError> {
+pub fn resolve_plan(
+    plans: &Plans,
+    name: &str,
+    subject: Option<&Subject>,
+) -> Result<Arc<Plan>, CmdError> {
     let resolved = if name == "*" {
         subject
             .and_then(Subject::assigned)
             .or(plans.default_plan())
-            .ok_or_else(|| CmdError::err("plan '*': the subject has no assigned plan and no default plan is set"))?
+            .ok_or_else(|| {
+                CmdError::err(
+                    "plan '*': the subject has no assigned plan and no default plan is set",
+                )
+            })?
     } else {
         name
     };
-    plans
-        .get(resolved)
-        .cloned()
-        .ok_or_else(|| CmdError::err(format_args!("unknown plan '{}'", printable(resolved.as_bytes()))))
+    plans.get(resolved).cloned().ok_or_else(|| {
+        CmdError::err(format_args!(
+            "unknown plan '{}'",
+            printable(resolved.as_bytes())
+        ))
+    })
 }
 
 fn count_denial(stats: &mut Stats, decided: &Decided) {
@@ -208,7 +239,11 @@ fn reply_decision(ctx: &Ctx, decided: &Decided, outcomes: &[Outcome], id: Option
     ctx.reply_cstr(c"allowed");
     ctx.reply_integer(i64::from(verdict.admitted));
     ctx.reply_cstr(c"retry_after_ms");
-    ctx.reply_integer(if enforced_denial { verdict.admission.retry_after_ms() } else { 0 });
+    ctx.reply_integer(if enforced_denial {
+        verdict.admission.retry_after_ms()
+    } else {
+        0
+    });
     ctx.reply_cstr(c"denied_by");
     match denial_name(decided).filter(|_| enforced_denial) {
         Some(name) => ctx.reply_bulk(name.as_bytes()),
@@ -216,7 +251,9 @@ fn reply_decision(ctx: &Ctx, decided: &Decided, outcomes: &[Outcome], id: Option
     }
     if shadow {
         ctx.reply_cstr(c"shadow_denied_by");
-        match denial_name(decided).filter(|_| verdict.admitted && verdict.admission != Admission::Now) {
+        match denial_name(decided)
+            .filter(|_| verdict.admitted && verdict.admission != Admission::Now)
+        {
             Some(name) => ctx.reply_bulk(name.as_bytes()),
             None => ctx.reply_null(),
         }
@@ -267,23 +304,42 @@ fn busy(e: &str) -> CmdError {
 /// `RL.ACQUIRE key plan [units] [COST unit n ...] [ENDPOINT name] [ID id] [TTL ms]`
 pub fn acquire(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let parsed = parse_call(&args, true)?;
-    STATE.with(|state| run_call(ctx, state, &parsed, true)).map_err(busy)?
+    STATE
+        .with(|state| run_call(ctx, state, &parsed, true))
+        .map_err(busy)?
 }
 
 /// `RL.PEEK key plan [units] [COST unit n ...] [ENDPOINT name]`
 pub fn peek(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let parsed = parse_call(&args, false)?;
-    STATE.with(|state| run_call(ctx, state, &parsed, false)).map_err(busy)?
+    STATE
+        .with(|state| run_call(ctx, state, &parsed, false))
+        .map_err(busy)?
 }
 
 fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -> CmdResult {
-    let State { plans, interner, stats, settings, outcomes, payload } = state;
+    let State {
+        plans,
+        interner,
+        stats,
+        settings,
+        outcomes,
+        payload,
+    } = state;
     let key = open_subject(ctx, parsed.key, charge)?;
     let mut subject = subject_in(&key);
     let requested = resolve_plan(plans, parsed.plan, subject.as_deref())?;
     let call = parsed.call();
     let clock = ctx.now_ms();
-    let decided = decide::decide(plans, &requested, subject.as_deref(), &call, clock, settings, outcomes);
+    let decided = decide::decide(
+        plans,
+        &requested,
+        subject.as_deref(),
+        &call,
+        clock,
+        settings,
+        outcomes,
+    );
     let verdict = decided.verdict;
     if !charge {
         reply_decision(ctx, &decided, outcomes, None);
@@ -291,7 +347,10 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
     }
     if verdict.admitted && verdict.takes_request {
         if let (Some(id), Some(s)) = (call.id, subject.as_deref()) {
-            if s.requests().and_then(|t| t.get(id)).is_some_and(|r| r.expires_at > verdict.now) {
+            if s.requests()
+                .and_then(|t| t.get(id))
+                .is_some_and(|r| r.expires_at > verdict.now)
+            {
                 return Err(CmdError::err(format_args!(
                     "request id '{}' is already in flight on this key",
                     printable(id)
@@ -313,7 +372,10 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
         let mut fresh: Option<Box<Subject>> = None;
         let target: &mut Subject = match subject.as_deref_mut() {
             Some(s) => s,
-            None => fresh.insert(Box::new(Subject::new(Arc::clone(&decided.plan.layout), verdict.now))),
+            None => fresh.insert(Box::new(Subject::new(
+                Arc::clone(&decided.plan.layout),
+                verdict.now,
+            ))),
         };
         id = decide::commit(&decided.plan, target, &call, &verdict, interner);
         let change = Change {
@@ -342,7 +404,11 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let max_burst = args.u64(2, "max_burst")?;
     let count = args.u64(3, "count")?;
     let period = args.u64(4, "period")?;
-    let quantity = if args.len() == 6 { args.u64(5, "quantity")? } else { 1 };
+    let quantity = if args.len() == 6 {
+        args.u64(5, "quantity")?
+    } else {
+        1
+    };
     if count == 0 {
         return Err(CmdError::err("count must be at least 1"));
     }
@@ -352,20 +418,44 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let window_ms = period
         .checked_mul(1_000)
         .filter(|&ms| (1..=MAX_WINDOW_MS).contains(&ms))
-        .ok_or_else(|| CmdError::err(format_args!("period must be between 1 and {} seconds", MAX_WINDOW_MS / 1_000)))?;
+        .ok_or_else(|| {
+            CmdError::err(format_args!(
+                "period must be between 1 and {} seconds",
+                MAX_WINDOW_MS / 1_000
+            ))
+        })?;
     STATE
         .with(|state| {
             // A one-limit plan built from the arguments (interned, so its layout is
             // shared by every key throttled with the same period).
-            let fields = [("throttle", format!("bucket {count}/{window_ms}ms burst {burst}"))];
-            let pairs: Vec<(Box<str>, Box<str>)> =
-                fields.iter().map(|(f, v)| (Box::<str>::from(*f), Box::<str>::from(v.as_str()))).collect();
-            let plan = Plan::compile("rl.throttle", pairs, &mut state.interner).map_err(CmdError::err)?;
+            let fields = [(
+                "throttle",
+                format!("bucket {count}/{window_ms}ms burst {burst}"),
+            )];
+            let pairs: Vec<(Box<str>, Box<str>)> = fields
+                .iter()
+                .map(|(f, v)| (Box::<str>::from(*f), Box::<str>::from(v.as_str())))
+                .collect();
+            let plan =
+                Plan::compile("rl.throttle", pairs, &mut state.interner).map_err(CmdError::err)?;
             let plan = Arc::new(plan);
             let key = open_subject(ctx, key_name, true)?;
             let mut subject = subject_in(&key);
-            let call = Call { costs: Costs { request: quantity, units: &[] }, ..Call::default() };
-            let verdict = decide::evaluate(&plan, subject.as_deref(), &call, ctx.now_ms(), &state.settings, &mut state.outcomes);
+            let call = Call {
+                costs: Costs {
+                    request: quantity,
+                    units: &[],
+                },
+                ..Call::default()
+            };
+            let verdict = decide::evaluate(
+                &plan,
+                subject.as_deref(),
+                &call,
+                ctx.now_ms(),
+                &state.settings,
+                &mut state.outcomes,
+            );
             let outcome = state.outcomes.first().copied();
             state.stats.calls += 1;
             if verdict.admitted {
@@ -373,11 +463,21 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                 let mut fresh: Option<Box<Subject>> = None;
                 let target: &mut Subject = match subject.as_deref_mut() {
                     Some(s) => s,
-                    None => fresh.insert(Box::new(Subject::new(Arc::clone(&plan.layout), verdict.now))),
+                    None => fresh.insert(Box::new(Subject::new(
+                        Arc::clone(&plan.layout),
+                        verdict.now,
+                    ))),
                 };
                 decide::commit(&plan, target, &call, &verdict, &mut state.interner);
                 drop(subject);
-                write_back(ctx, &key, key_name, fresh, Change::default(), &mut state.payload)?;
+                write_back(
+                    ctx,
+                    &key,
+                    key_name,
+                    fresh,
+                    Change::default(),
+                    &mut state.payload,
+                )?;
             } else {
                 state.stats.denied += 1;
                 state.stats.denied_bucket += 1;

@@ -21,7 +21,12 @@ pub mod plans;
 pub type Handler = fn(&Ctx, Args<'_>) -> CmdResult;
 
 /// Runs a handler for one call: errors become replies, panics become `ERR`.
-pub fn run(ctx: *mut raw::RedisModuleCtx, argv: *mut RawString, argc: c_int, handler: Handler) -> c_int {
+pub fn run(
+    ctx: *mut raw::RedisModuleCtx,
+    argv: *mut RawString,
+    argc: c_int,
+    handler: Handler,
+) -> c_int {
     let ctx = Ctx(ctx);
     let argv: &[RawString] = match usize::try_from(argc) {
         // SAFETY: Redis passes `argc` valid string pointers at `argv` for this call.
@@ -71,7 +76,10 @@ pub struct Command {
     pub flags: &'static str,
     /// Key positions (first, last, step); 0,0,0 for keyless commands.
     pub keys: (c_int, c_int, c_int),
+    /// Argument count, Redis-style: exact if positive, a minimum if negative.
+    pub arity: c_int,
     pub summary: &'static CStr,
+    pub complexity: &'static CStr,
 }
 
 pub const COMMANDS: &[Command] = &[
@@ -80,56 +88,72 @@ pub const COMMANDS: &[Command] = &[
         entry: acquire_entry,
         flags: "write deny-oom",
         keys: (1, 1, 1),
+        arity: -3,
         summary: c"Admit and charge a call if every limit of the plan admits it.",
+        complexity: c"O(L) for the L limits of the plan (and its fallbacks)",
     },
     Command {
         name: "rl.peek",
         entry: peek_entry,
         flags: "readonly fast",
         keys: (1, 1, 1),
+        arity: -3,
         summary: c"Answer what RL.ACQUIRE would, without charging anything.",
+        complexity: c"O(L) for the L limits of the plan",
     },
     Command {
         name: "rl.throttle",
         entry: throttle_entry,
         flags: "write deny-oom fast",
         keys: (1, 1, 1),
+        arity: -5,
         summary: c"GCRA throttle with redis-cell's CL.THROTTLE arguments and reply.",
+        complexity: c"O(1)",
     },
     Command {
         name: "rl.plan.set",
         entry: plan_set_entry,
         flags: "write deny-oom",
         keys: (0, 0, 0),
+        arity: -4,
         summary: c"Set limits of a plan (validated as a whole).",
+        complexity: c"O(L) for the L limits of the plan",
     },
     Command {
         name: "rl.plan.get",
         entry: plan_get_entry,
         flags: "readonly fast",
         keys: (0, 0, 0),
+        arity: 2,
         summary: c"Get the fields of a plan, like HGETALL.",
+        complexity: c"O(L) for the L limits of the plan",
     },
     Command {
         name: "rl.plan.del",
         entry: plan_del_entry,
         flags: "write",
         keys: (0, 0, 0),
+        arity: -2,
         summary: c"Delete a plan, or some of its fields.",
+        complexity: c"O(L) for the L limits of the plan",
     },
     Command {
         name: "rl.plan.list",
         entry: plan_list_entry,
         flags: "readonly",
         keys: (0, 0, 0),
+        arity: 1,
         summary: c"List plan names.",
+        complexity: c"O(P log P) for the P plans",
     },
     Command {
         name: "rl.apply",
         entry: apply_entry,
         flags: "write deny-oom",
         keys: (1, 1, 1),
+        arity: 3,
         summary: c"Internal: apply replicated subject state (sent by primaries and the AOF).",
+        complexity: c"O(S) for the size S of the payload",
     },
 ];
 
@@ -151,6 +175,37 @@ pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
         if status != raw::REDISMODULE_OK as c_int {
             return Err(format!("cannot create command {}", command.name));
         }
+        set_info(ctx, &name, command)?;
+    }
+    Ok(())
+}
+
+/// Sets the summary, complexity and arity shown by `COMMAND DOCS` / `COMMAND INFO`.
+fn set_info(ctx: *mut raw::RedisModuleCtx, name: &CStr, command: &Command) -> Result<(), String> {
+    let handle = api!(RedisModule_GetCommand(ctx, name.as_ptr()) else std::ptr::null_mut());
+    if handle.is_null() {
+        return Err(format!("cannot find command {}", command.name));
+    }
+    let version = raw::RedisModuleCommandInfoVersion {
+        version: 1,
+        sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
+        sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
+        sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
+    };
+    let info = raw::RedisModuleCommandInfo {
+        version: &version,
+        summary: command.summary.as_ptr(),
+        complexity: command.complexity.as_ptr(),
+        since: c"1.0.0".as_ptr(),
+        history: std::ptr::null_mut(),
+        tips: std::ptr::null(),
+        arity: command.arity,
+        key_specs: std::ptr::null_mut(),
+        args: std::ptr::null_mut(),
+    };
+    let status = api!(RedisModule_SetCommandInfo(handle, &info) else raw::REDISMODULE_ERR as c_int);
+    if status != raw::REDISMODULE_OK as c_int {
+        return Err(format!("cannot set the command info of {}", command.name));
     }
     Ok(())
 }

@@ -55,7 +55,9 @@ pub fn del(ctx: &Ctx, args: Args<'_>) -> CmdResult {
         return Err(CmdError::WrongArity);
     }
     let plan = args.str(1, "plan name")?;
-    let fields = (2..args.len()).map(|i| args.str(i, "field name")).collect::<Result<Vec<_>, _>>()?;
+    let fields = (2..args.len())
+        .map(|i| args.str(i, "field name"))
+        .collect::<Result<Vec<_>, _>>()?;
     let removed = STATE
         .with(|s| s.plans.delete(plan, &fields, &mut s.interner))
         .map_err(internal)?

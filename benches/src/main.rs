@@ -1,0 +1,277 @@
+//! `make bench`: the end-to-end benchmark driver.
+//!
+//! Starts its own redis-server with the release module on a free loopback port, then
+//! reports, from one run:
+//! - server-side cost (`usec_per_call` from `INFO commandstats`) of each scenario and
+//!   of `INCR`, and their ratio;
+//! - `redis-benchmark` throughput of each scenario with `-P 1` and `-P 16` over
+//!   100,000 random subjects;
+//! - memory per active subject (`used_memory` delta / subjects).
+//!
+//! Speed targets live here, never in tests: the figures vary with the machine.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SUBJECTS: u64 = 100_000;
+
+struct Server {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_server(module: &str) -> Server {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"));
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--loadmodule", module])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
+    let server = Server { child, port, dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if connect(port).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis-server did not start");
+}
+
+fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()
+}
+
+fn cmd(con: &mut redis::Connection, args: &[&str]) -> redis::Value {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query(con).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn info(con: &mut redis::Connection, section: &str) -> String {
+    match cmd(con, &["INFO", section]) {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO gave {other:?}"),
+    }
+}
+
+fn info_field(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+/// `usec_per_call` of `command` since the last `CONFIG RESETSTAT`.
+fn usec_per_call(con: &mut redis::Connection, command: &str) -> f64 {
+    let stats = info(con, "commandstats");
+    let line = info_field(&stats, &format!("cmdstat_{command}:")).unwrap_or_default();
+    line.split(',')
+        .find_map(|kv| kv.strip_prefix("usec_per_call="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Requests per second `redis-benchmark` reports for `args` (CSV output).
+fn throughput(port: u16, pipeline: u32, requests: u64, args: &[&str]) -> f64 {
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-c",
+            "50",
+            "--csv",
+            "-r",
+            &SUBJECTS.to_string(),
+        ])
+        .args(["-n", &requests.to_string(), "-P", &pipeline.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-benchmark: {e}"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .filter(|l| !l.starts_with("\"test\""))
+        .find_map(|l| {
+            l.split(',')
+                .nth(1)
+                .map(|v| v.trim_matches('"').parse::<f64>().unwrap_or(f64::NAN))
+        })
+        .unwrap_or(f64::NAN)
+}
+
+struct Scenario {
+    name: &'static str,
+    /// The command as `redis-benchmark` sends it (`__rand_int__` picks a subject).
+    args: Vec<&'static str>,
+    /// The `cmdstat_` name its server-side cost is read from.
+    stat: &'static str,
+    /// Subjects to create for the memory figure (empty: not measured).
+    memory: bool,
+}
+
+fn main() {
+    let module = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "target/release/libtollgate.so".to_string());
+    // redis-server changes into --dir before loading modules: pass an absolute path.
+    let module = std::fs::canonicalize(&module)
+        .unwrap_or_else(|e| panic!("module {module}: {e} (run `make release` first)"))
+        .display()
+        .to_string();
+    let server = start_server(&module);
+    let port = server.port;
+    let mut con = connect(port).unwrap_or_else(|e| panic!("{e}"));
+    for (plan, fields) in [
+        ("one", vec!["rpm", "sliding 100000000/1m"]),
+        (
+            "three",
+            vec![
+                "rpm",
+                "sliding 100000000/1m",
+                "rpd",
+                "fixed 1000000000/1d",
+                "tpm",
+                "bucket 1000000000 token/1m",
+            ],
+        ),
+    ] {
+        let mut args = vec!["RL.PLAN.SET", plan];
+        args.extend(fields);
+        cmd(&mut con, &args);
+    }
+    let scenarios = [
+        Scenario {
+            name: "INCR",
+            args: vec!["INCR", "counter:__rand_int__"],
+            stat: "incr",
+            memory: false,
+        },
+        Scenario {
+            name: "RL.ACQUIRE, 1 limit (sliding)",
+            args: vec!["RL.ACQUIRE", "one:__rand_int__", "one"],
+            stat: "rl.acquire",
+            memory: true,
+        },
+        Scenario {
+            name: "RL.ACQUIRE, 3 limits (sliding+fixed+bucket)",
+            args: vec![
+                "RL.ACQUIRE",
+                "three:__rand_int__",
+                "three",
+                "1",
+                "COST",
+                "token",
+                "100",
+            ],
+            stat: "rl.acquire",
+            memory: true,
+        },
+    ];
+    let requests: u64 = std::env::var("TOLLGATE_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    println!(
+        "Tollgate end-to-end bench: redis-server {}, module {module}",
+        redis_version(&mut con)
+    );
+    println!("{requests} requests per run, 50 clients, {SUBJECTS} random subjects\n");
+    let mut costs = Vec::new();
+    for s in &scenarios {
+        cmd(&mut con, &["FLUSHALL"]);
+        cmd(&mut con, &["CONFIG", "RESETSTAT"]);
+        let p1 = throughput(port, 1, requests, &s.args);
+        let usec = usec_per_call(&mut con, s.stat);
+        let p16 = throughput(port, 16, requests * 3, &s.args);
+        let bytes = if s.memory {
+            Some(bytes_per_subject(&mut con, &s.args))
+        } else {
+            None
+        };
+        costs.push((s.name, usec, p1, p16, bytes));
+    }
+    let incr = costs.first().map_or(f64::NAN, |c| c.1);
+    let incr_p1 = costs.first().map_or(f64::NAN, |c| c.2);
+    let incr_p16 = costs.first().map_or(f64::NAN, |c| c.3);
+    println!(
+        "{:<46} {:>9} {:>7} {:>12} {:>7} {:>12} {:>7} {:>10}",
+        "scenario", "usec/call", "x INCR", "rps -P 1", "x INCR", "rps -P 16", "x INCR", "B/subject"
+    );
+    for (name, usec, p1, p16, bytes) in &costs {
+        println!(
+            "{:<46} {:>9.3} {:>7.2} {:>12.0} {:>7.2} {:>12.0} {:>7.2} {:>10}",
+            name,
+            usec,
+            usec / incr,
+            p1,
+            p1 / incr_p1,
+            p16,
+            p16 / incr_p16,
+            bytes.map_or("-".to_string(), |b| format!("{b:.0}"))
+        );
+    }
+    println!("\nTargets: 3-limit RL.ACQUIRE <= 1.5x INCR server-side; <= 200 bytes per subject.");
+    drop(server);
+}
+
+fn redis_version(con: &mut redis::Connection) -> String {
+    info_field(&info(con, "server"), "redis_version:").unwrap_or_default()
+}
+
+/// `used_memory` growth per subject after creating `SUBJECTS` subjects with `args`.
+fn bytes_per_subject(con: &mut redis::Connection, args: &[&str]) -> f64 {
+    cmd(con, &["FLUSHALL"]);
+    let used = |con: &mut redis::Connection| -> f64 {
+        info_field(&info(con, "memory"), "used_memory:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let before = used(con);
+    let mut pipe = redis::pipe();
+    for i in 0..SUBJECTS {
+        let key = args[1].replace("__rand_int__", &format!("{i:012}"));
+        let mut c = redis::cmd(args[0]);
+        c.arg(key);
+        for a in &args[2..] {
+            c.arg(*a);
+        }
+        pipe.add_command(c).ignore();
+        if i % 1_000 == 999 {
+            let _: () = pipe.query(con).unwrap_or_else(|e| panic!("{e}"));
+            pipe = redis::pipe();
+        }
+    }
+    let after = used(con);
+    (after - before) / SUBJECTS as f64
+}
