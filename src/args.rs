@@ -27,15 +27,18 @@ impl CmdError {
 
 pub type CmdResult = Result<(), CmdError>;
 
-/// The arguments of one call (`argv[0]` is the command name).
-#[derive(Clone, Copy)]
+/// The arguments of one call (`argv[0]` is the command name), each read once.
 pub struct Args<'a> {
     argv: &'a [RawString],
+    bytes: smallvec::SmallVec<[&'a [u8]; 16]>,
 }
 
 impl<'a> Args<'a> {
     pub fn new(argv: &'a [RawString]) -> Self {
-        Args { argv }
+        Args {
+            argv,
+            bytes: argv.iter().map(|&s| bytes_of(s)).collect(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -47,7 +50,7 @@ impl<'a> Args<'a> {
     }
 
     pub fn bytes(&self, i: usize) -> Option<&'a [u8]> {
-        self.argv.get(i).map(|&s| bytes_of(s))
+        self.bytes.get(i).copied()
     }
 
     /// Argument `i` as UTF-8 text, or an error naming it.

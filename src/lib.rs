@@ -67,7 +67,7 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
         | raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED;
     api!(RedisModule_SetModuleOptions(ctx.ctx, options as c_int) else ());
     if let Err(e) = commands::register(ctx.ctx) {
-        ctx.log_warning(&format!("{e}"));
+        ctx.log_warning(&e);
         return Status::Err;
     }
     api!(RedisModule_RegisterInfoFunc(ctx.ctx, Some(info::info)) else 0);

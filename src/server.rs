@@ -99,18 +99,13 @@ impl Ctx {
         u64::try_from(ms).unwrap_or(0)
     }
 
-    pub fn flags(&self) -> u32 {
-        let flags = api!(RedisModule_GetContextFlags(self.0) else 0);
-        flags as u32
-    }
-
     pub fn reply_integer(&self, v: i64) {
         api!(RedisModule_ReplyWithLongLong(self.0, v) else 0);
     }
 
     /// A reply field name or other static text, as a bulk string.
     pub fn reply_cstr(&self, s: &CStr) {
-        api!(RedisModule_ReplyWithCString(self.0, s.as_ptr()) else 0);
+        self.reply_bulk(s.to_bytes());
     }
 
     pub fn reply_bulk(&self, s: &[u8]) {
@@ -158,21 +153,6 @@ impl Ctx {
             payload.as_ptr().cast::<c_char>(),
             payload.len()
         ) else 0);
-    }
-
-    /// Propagates `cmd arg...` given as byte strings.
-    pub fn replicate_args(&self, cmd: &CStr, args: &[&[u8]]) {
-        let strings: Vec<RawString> = args
-            .iter()
-            .map(|a| api!(RedisModule_CreateString(self.0, a.as_ptr().cast::<c_char>(), a.len()) else ptr::null_mut()))
-            .collect();
-        if strings.iter().all(|s| !s.is_null()) {
-            let mut argv = strings.clone();
-            api!(RedisModule_Replicate(self.0, cmd.as_ptr(), c"v".as_ptr(), argv.as_mut_ptr(), argv.len()) else 0);
-        }
-        for s in strings.into_iter().filter(|s| !s.is_null()) {
-            api!(RedisModule_FreeString(self.0, s) else ());
-        }
     }
 
     pub fn replicate_verbatim(&self) {

@@ -41,6 +41,13 @@ pub struct Change<'a> {
     pub assign: bool,
 }
 
+/// A key's expiry, rounded up to the next whole second: the key outlives its state by
+/// under a second, and a busy subject rewrites its TTL once a second rather than on
+/// every call (a token bucket's idle instant moves with every charge).
+fn expiry_second(at_ms: u64) -> u64 {
+    at_ms.div_ceil(1_000).saturating_mul(1_000)
+}
+
 /// Stores `fresh` into an empty key (if given), then sets the key's expiry from the
 /// subject's state, replicates the change and signals the key as modified.
 /// `payload` is a reusable buffer.
@@ -66,7 +73,7 @@ pub fn write_back(
     };
     let expiry = match subject.expiry() {
         Expiry::Idle => KeyExpiry::Delete,
-        Expiry::At(at) => KeyExpiry::At(at),
+        Expiry::At(at) => KeyExpiry::At(expiry_second(at)),
         Expiry::Never => KeyExpiry::Persist,
     };
     let mut delta = DeltaWriter::new(std::mem::take(payload));
@@ -94,7 +101,9 @@ pub fn write_back(
     ctx.replicate(c"RL.APPLY", name, &bytes);
     *payload = bytes;
     match expiry {
-        KeyExpiry::At(at) => key.set_expire_at(at),
+        // Reading the expiry is one lookup; setting it is two and a write.
+        KeyExpiry::At(at) if key.expire_at() != Some(at) => key.set_expire_at(at),
+        KeyExpiry::At(_) => {}
         KeyExpiry::Persist => key.persist(),
         KeyExpiry::Delete => key.delete(),
         KeyExpiry::Keep => {}

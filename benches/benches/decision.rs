@@ -1,5 +1,7 @@
 //! Criterion benches of the core decision: what one `RL.ACQUIRE` costs before Redis.
 
+#![allow(clippy::panic)] // a bench: a broken setup should stop it loudly
+
 use std::hint::black_box;
 use std::sync::Arc;
 

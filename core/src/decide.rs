@@ -240,9 +240,9 @@ fn admission(
             words,
             updated,
             slices,
+            used,
             capacity,
-            ..
-        } => slices.admission(words, updated, now, cost, capacity),
+        } => slices.admission(words, updated, now, used, cost, capacity),
         View::Bucket { debt, bucket } => bucket.admission(debt, cost),
         View::Concurrency { live, max } => {
             if max == 0 {
@@ -384,14 +384,16 @@ pub fn evaluate(
             .enumerate()
             .filter(|(_, l)| l.applies_to(call.endpoint))
     };
+    let ttl_ms = request_ttl(plan, call, settings);
+    let lease_until = now.saturating_add(ttl_ms);
+    let mut takes_request = call.id.is_some();
+    // One pass computes each limit's view, admission and standing as if the call is
+    // admitted (the common case); a denied call recomputes its standings uncharged.
+    out.clear();
     for (index, limit) in applicable() {
-        let this = admission(
-            &view(plan, limit, subject, now),
-            cost_for(limit, call),
-            now,
-            limit,
-            subject,
-        );
+        let cost = cost_for(limit, call);
+        let v = view(plan, limit, subject, now);
+        let this = admission(&v, cost, now, limit, subject);
         let worse = match (this, result) {
             (Admission::Now, _) | (_, Admission::Never) => false,
             (Admission::Never, _) | (_, Admission::Now) => true,
@@ -401,24 +403,16 @@ pub fn evaluate(
             denied_by = Some(Denial::Limit(index));
         }
         result = result.and(this);
+        takes_request |= matches!(limit.spec.rule, Rule::Concurrency { .. });
+        out.push(outcome(index, limit, &v, cost, now, lease_until, subject));
     }
     let admitted = result.is_now() || plan.mode == Mode::Shadow;
-    let ttl_ms = request_ttl(plan, call, settings);
-    let takes_request = call.id.is_some()
-        || applicable().any(|(_, l)| matches!(l.spec.rule, Rule::Concurrency { .. }));
-    out.clear();
-    for (index, limit) in applicable() {
-        let pending = if admitted { cost_for(limit, call) } else { 0 };
-        let v = view(plan, limit, subject, now);
-        out.push(outcome(
-            index,
-            limit,
-            &v,
-            pending,
-            now,
-            now.saturating_add(ttl_ms),
-            subject,
-        ));
+    if !admitted {
+        out.clear();
+        for (index, limit) in applicable() {
+            let v = view(plan, limit, subject, now);
+            out.push(outcome(index, limit, &v, 0, now, lease_until, subject));
+        }
     }
     Verdict {
         now,
@@ -507,7 +501,7 @@ pub fn commit(
             }
             Rule::Cap { .. } => continue,
         };
-        if let Some(slot) = slot_name {
+        if let Some(slot) = slot_name.filter(|_| verdict.takes_request) {
             charges.push(Charge {
                 slot,
                 amount: cost,

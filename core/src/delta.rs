@@ -131,7 +131,7 @@ impl DeltaWriter {
 
 enum Op<'a> {
     Purge(u64),
-    Limits(u64, std::sync::Arc<crate::layout::Layout>, Box<[u64]>),
+    Limits(crate::subject::LimitPart),
     Put(&'a [u8], Request),
     Remove(&'a [u8]),
     Seq(u64),
@@ -164,7 +164,7 @@ impl<'a> Delta<'a> {
                 OP_PURGE => ops.push(Op::Purge(r.varint()?)),
                 OP_LIMITS => {
                     let (updated, layout, words) = Subject::decode_limits(&mut r, interner)?;
-                    ops.push(Op::Limits(updated, layout, words));
+                    ops.push(Op::Limits((updated, layout, words)));
                 }
                 OP_PUT => {
                     let (id, request) = decode_request(&mut r)?;
@@ -212,7 +212,7 @@ impl<'a> Delta<'a> {
         for op in self.ops {
             match op {
                 Op::Full(s) => *subject = s,
-                Op::Limits(updated_ms, layout, words) => {
+                Op::Limits((updated_ms, layout, words)) => {
                     subject.updated_ms = updated_ms;
                     subject.layout = layout;
                     subject.words = words;

@@ -112,11 +112,28 @@ pub struct Slot {
 }
 
 /// The slots of a subject, in order, with the word offset of each.
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 pub struct Layout {
     slots: Box<[Slot]>,
     offsets: Box<[usize]>,
     words: usize,
+    /// The layout's encoding, made once: every replicated write ships it.
+    encoded: Box<[u8]>,
+}
+
+// Equality and hashing are by slots; offsets and encoding derive from them.
+impl PartialEq for Layout {
+    fn eq(&self, other: &Self) -> bool {
+        self.slots == other.slots
+    }
+}
+
+impl Eq for Layout {}
+
+impl std::hash::Hash for Layout {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.slots.hash(state);
+    }
 }
 
 impl Layout {
@@ -127,10 +144,18 @@ impl Layout {
             offsets.push(words);
             words += slot.shape.words();
         }
+        let mut w = Writer::new();
+        w.varint(slots.len() as u64);
+        for slot in &slots {
+            w.str(&slot.name);
+            w.str(&slot.unit);
+            slot.shape.encode(&mut w);
+        }
         Layout {
             slots: slots.into_boxed_slice(),
             offsets: offsets.into_boxed_slice(),
             words,
+            encoded: w.into_inner().into_boxed_slice(),
         }
     }
 
@@ -169,12 +194,7 @@ impl Layout {
     }
 
     pub fn encode(&self, w: &mut Writer) {
-        w.varint(self.slots.len() as u64);
-        for slot in self.slots.iter() {
-            w.str(&slot.name);
-            w.str(&slot.unit);
-            slot.shape.encode(w);
-        }
+        w.buf.extend_from_slice(&self.encoded);
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<Layout, DecodeError> {

@@ -24,8 +24,16 @@ use crate::spec::is_valid_name;
 /// Version of [`Subject::encode`]'s format (the module's data-type encoding version).
 pub const ENCODING_VERSION: u8 = 1;
 
+/// Words kept inside the subject's own allocation: enough for the usual plans (a
+/// sliding window of 10 slices, a fixed window and a bucket take 16), so a call
+/// touches one allocation, not two. Larger layouts spill to the heap.
+pub const INLINE_WORDS: usize = 16;
+
+/// A subject's state words.
+pub type Words = smallvec::SmallVec<[u64; INLINE_WORDS]>;
+
 /// The limit part of a subject: `updated_ms`, layout and words.
-pub type LimitPart = (u64, Arc<Layout>, Box<[u64]>);
+pub type LimitPart = (u64, Arc<Layout>, Words);
 
 /// Rarely used parts of a subject.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,7 +55,7 @@ impl Extra {
 pub struct Subject {
     pub layout: Arc<Layout>,
     pub updated_ms: u64,
-    pub words: Box<[u64]>,
+    pub words: Words,
     pub extra: Option<Box<Extra>>,
 }
 
@@ -65,7 +73,7 @@ pub enum Expiry {
 impl Subject {
     /// A subject with every counter of `layout` at zero, as of `now`.
     pub fn new(layout: Arc<Layout>, now: u64) -> Subject {
-        let words = vec![0; layout.words()].into_boxed_slice();
+        let words = smallvec::smallvec![0; layout.words()];
         Subject {
             layout,
             updated_ms: now,
@@ -181,7 +189,7 @@ impl Subject {
             }
         }
         let layout = interner.intern(Layout::new(slots));
-        let mut words = vec![0u64; layout.words()];
+        let mut words: Words = smallvec::smallvec![0; layout.words()];
         for (i, slot) in layout.slots().iter().enumerate() {
             if let Some(j) = old
                 .position(&slot.name)
@@ -193,7 +201,7 @@ impl Subject {
             }
         }
         self.layout = layout;
-        self.words = words.into_boxed_slice();
+        self.words = words;
         // A concurrency slot that started afresh holds no leases: forget them there.
         if let Some(extra) = self.extra.as_deref_mut() {
             let layout = Arc::clone(&self.layout);
@@ -256,15 +264,11 @@ impl Subject {
     ) -> Result<LimitPart, DecodeError> {
         let updated_ms = r.varint()?;
         let layout = Layout::decode(r)?;
-        let mut words = Vec::with_capacity(layout.words());
+        let mut words = Words::with_capacity(layout.words());
         for _ in 0..layout.words() {
             words.push(r.varint()?);
         }
-        Ok((
-            updated_ms,
-            interner.intern(layout),
-            words.into_boxed_slice(),
-        ))
+        Ok((updated_ms, interner.intern(layout), words))
     }
 
     /// Writes the whole subject (RDB, DUMP, AOF rewrite, digests). Canonical: equal
@@ -364,7 +368,10 @@ impl Subject {
 
     /// Approximate heap bytes held (for `MEMORY USAGE`).
     pub fn mem_usage(&self) -> usize {
-        let mut bytes = std::mem::size_of::<Subject>() + self.words.len() * 8;
+        let mut bytes = std::mem::size_of::<Subject>();
+        if self.words.spilled() {
+            bytes += self.words.capacity() * 8;
+        }
         if let Some(extra) = self.extra.as_deref() {
             bytes += std::mem::size_of::<Extra>() + extra.assigned.as_deref().map_or(0, str::len);
             for (id, request) in extra.requests.iter() {
@@ -481,6 +488,13 @@ mod tests {
         let mut w = Writer::new();
         s.encode(&mut w);
         assert!(Subject::decode(&w.into_inner(), &mut interner, 100).is_err());
+    }
+
+    #[test]
+    fn a_subject_fits_one_160_byte_allocation() {
+        // One jemalloc size class holds the header and 16 inline words; growing the
+        // struct costs every subject in memory.
+        assert_eq!(std::mem::size_of::<Subject>(), 160);
     }
 
     #[test]

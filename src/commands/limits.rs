@@ -327,7 +327,7 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
         payload,
     } = state;
     let key = open_subject(ctx, parsed.key, charge)?;
-    let mut subject = subject_in(&key);
+    let subject = subject_in(&key);
     let requested = resolve_plan(plans, parsed.plan, subject.as_deref())?;
     let call = parsed.call();
     let clock = ctx.now_ms();
@@ -370,7 +370,7 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
         }
         let had_requests = subject.as_deref().is_some_and(|s| s.requests().is_some());
         let mut fresh: Option<Box<Subject>> = None;
-        let target: &mut Subject = match subject.as_deref_mut() {
+        let target: &mut Subject = match subject {
             Some(s) => s,
             None => fresh.insert(Box::new(Subject::new(
                 Arc::clone(&decided.plan.layout),
@@ -384,11 +384,19 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
             seq: id.is_some() && call.id.is_none(),
             ..Change::default()
         };
-        drop(subject);
         write_back(ctx, &key, parsed.key, fresh, change, payload)?;
     } else {
         stats.denied += 1;
         count_denial(stats, &decided);
+    }
+    // Operators who enable module keyspace events (notify-keyspace-events with `d`)
+    // see denials, shadow denials included, and first crossings of warn thresholds.
+    if !verdict.admission.is_now() {
+        ctx.notify(c"rl.denied", parsed.key);
+    }
+    if verdict.admitted && outcomes.iter().any(|o| o.warn_crossed) {
+        stats.warn_crossed += 1;
+        ctx.notify(c"rl.warn", parsed.key);
     }
     reply_decision(ctx, &decided, outcomes, id.as_deref());
     Ok(())
@@ -440,7 +448,7 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                 Plan::compile("rl.throttle", pairs, &mut state.interner).map_err(CmdError::err)?;
             let plan = Arc::new(plan);
             let key = open_subject(ctx, key_name, true)?;
-            let mut subject = subject_in(&key);
+            let subject = subject_in(&key);
             let call = Call {
                 costs: Costs {
                     request: quantity,
@@ -461,7 +469,7 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             if verdict.admitted {
                 state.stats.admitted += 1;
                 let mut fresh: Option<Box<Subject>> = None;
-                let target: &mut Subject = match subject.as_deref_mut() {
+                let target: &mut Subject = match subject {
                     Some(s) => s,
                     None => fresh.insert(Box::new(Subject::new(
                         Arc::clone(&plan.layout),
@@ -469,7 +477,6 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                     ))),
                 };
                 decide::commit(&plan, target, &call, &verdict, &mut state.interner);
-                drop(subject);
                 write_back(
                     ctx,
                     &key,

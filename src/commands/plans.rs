@@ -12,7 +12,7 @@ fn internal(e: &str) -> CmdError {
 
 /// `RL.PLAN.SET plan limit spec [limit spec ...]` → fields added.
 pub fn set(ctx: &Ctx, args: Args<'_>) -> CmdResult {
-    if args.len() < 4 || args.len() % 2 != 0 {
+    if args.len() < 4 || !args.len().is_multiple_of(2) {
         return Err(CmdError::WrongArity);
     }
     let plan = args.str(1, "plan name")?;

@@ -1,6 +1,9 @@
 //! Integration tests against real servers (see `harness`). Run by `make test`, once
 //! against `redis-server` and, where installed, once against `valkey-server`.
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 mod acquire;

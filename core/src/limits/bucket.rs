@@ -12,7 +12,7 @@
 //! rate (a plan may change it and usage carries over); the stored rate lets the state
 //! say when it will be idle, and be settled, without the plan.
 
-use super::{div_ceil, to_u64, Admission};
+use super::{div, div_ceil, to_u64, Admission};
 
 /// The parameters of one bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,10 @@ impl Bucket {
 
     /// Whole units left in the bucket.
     pub fn remaining(&self, debt: u128) -> u64 {
-        to_u64(self.capacity().saturating_sub(debt) / u128::from(self.window_ms.max(1)))
+        to_u64(div(
+            self.capacity().saturating_sub(debt),
+            u128::from(self.window_ms.max(1)),
+        ))
     }
 
     /// Units in use, rounded up (for warn thresholds).

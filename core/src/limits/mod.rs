@@ -65,12 +65,25 @@ pub fn past_warn(used: u128, capacity: u128, pct: Option<u8>) -> bool {
     }
 }
 
-/// `ceil(a / b)` for `b > 0`.
-pub(crate) fn div_ceil(a: u128, b: u128) -> u128 {
-    if b == 0 {
-        return u128::MAX;
+/// `a / b` (`u128::MAX` for `b == 0`), in 64 bits when both fit: a 128-bit
+/// division costs several times more and the operands are almost always small.
+pub(crate) fn div(a: u128, b: u128) -> u128 {
+    match (u64::try_from(a), u64::try_from(b)) {
+        (_, Ok(0)) => u128::MAX,
+        (Ok(a), Ok(b)) => u128::from(a / b),
+        _ if b == 0 => u128::MAX,
+        _ => a / b,
     }
-    a / b + u128::from(!a.is_multiple_of(b))
+}
+
+/// `ceil(a / b)` (`u128::MAX` for `b == 0`).
+pub(crate) fn div_ceil(a: u128, b: u128) -> u128 {
+    let q = div(a, b);
+    if q == u128::MAX || q.saturating_mul(b) == a {
+        q
+    } else {
+        q + 1
+    }
 }
 
 /// Clamps a `u128` into `u64`.

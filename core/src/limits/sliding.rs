@@ -25,93 +25,108 @@ impl Slices {
 
     /// The slice holding instant `t`.
     pub fn slice_of(&self, t: u64) -> u64 {
-        to_u64(u128::from(t) * u128::from(self.precision) / u128::from(self.window_ms.max(1)))
+        let k = u64::from(self.precision.max(1));
+        let window = self.window_ms.max(1);
+        if window.is_multiple_of(k) {
+            // Whole-millisecond slices (the usual case): one 64-bit division.
+            t / (window / k)
+        } else {
+            to_u64(u128::from(t) * u128::from(k) / u128::from(window))
+        }
     }
 
     /// The instant slice `x` begins.
     pub fn slice_start(&self, x: u64) -> u64 {
-        to_u64(div_ceil(
-            u128::from(x) * u128::from(self.window_ms),
-            u128::from(self.precision.max(1)),
-        ))
-    }
-
-    /// The total recorded for slice `x`, given the newest recorded slice `newest`.
-    /// Slices after `newest` are empty; the caller only asks for slices still in the ring.
-    fn total(&self, words: &[u64], newest: u64, x: u64) -> u64 {
-        if x > newest {
-            return 0;
+        let k = u64::from(self.precision.max(1));
+        if self.window_ms.is_multiple_of(k) {
+            x.saturating_mul(self.window_ms / k)
+        } else {
+            to_u64(div_ceil(
+                u128::from(x) * u128::from(self.window_ms),
+                u128::from(k),
+            ))
         }
-        usize::try_from(x % self.ring_len())
-            .ok()
-            .and_then(|i| words.get(i))
-            .copied()
-            .unwrap_or(0)
     }
 
-    /// The slices counted at `now`, oldest first (the oldest may precede slice 0).
-    fn counted(&self, now: u64) -> impl Iterator<Item = Option<u64>> {
-        let s_now = self.slice_of(now);
+    /// The recorded slices still counted at `now`, newest first, as `(slice, total)`.
+    /// The newest recorded slice is the one holding `updated`; slices after it are
+    /// empty, and at most `precision + 1` slices (none before slice 0) are counted.
+    fn counted<'w>(
+        &self,
+        words: &'w [u64],
+        updated: u64,
+        now: u64,
+    ) -> impl DoubleEndedIterator<Item = (u64, u64)> + 'w {
+        let ring = self.ring_len() as usize;
+        let newest = self.slice_of(updated);
+        let shift = self.slice_of(now).saturating_sub(newest);
         let k = u64::from(self.precision);
-        (0..=k).map(move |i| (s_now + i).checked_sub(k))
+        let count = if shift > k {
+            0
+        } else {
+            (k - shift).min(newest) + 1
+        };
+        let top = usize::try_from(newest % self.ring_len()).unwrap_or(0);
+        (0..count as usize).map(move |j| {
+            // Walk the ring backwards from the newest slice, wrapping once.
+            let i = if j <= top { top - j } else { top + ring - j };
+            (newest - j as u64, words.get(i).copied().unwrap_or(0))
+        })
     }
 
     /// Usage at `now` of a slot last normalized at `updated`.
     pub fn used_at(&self, words: &[u64], updated: u64, now: u64) -> u128 {
-        let newest = self.slice_of(updated);
-        self.counted(now)
-            .flatten()
-            .map(|x| u128::from(self.total(words, newest, x)))
+        self.counted(words, updated, now)
+            .map(|(_, total)| u128::from(total))
             .sum()
     }
 
-    /// Whether `cost` fits, and if not, when the oldest slices will have slid out far
-    /// enough for it to fit.
+    /// Whether `cost` fits on top of `used` (the usage at `now`), and if not, when the
+    /// oldest slices will have slid out far enough for it to fit.
     pub fn admission(
         &self,
         words: &[u64],
         updated: u64,
         now: u64,
+        used: u128,
         cost: u64,
         capacity: u64,
     ) -> Admission {
         if cost > capacity {
             return Admission::Never;
         }
-        let newest = self.slice_of(updated);
-        let mut used = self.used_at(words, updated, now);
         let (cost, capacity) = (u128::from(cost), u128::from(capacity));
         if used + cost <= capacity {
             return Admission::Now;
         }
-        let s_now = self.slice_of(now);
-        for (j, oldest) in self.counted(now).enumerate() {
-            if let Some(x) = oldest {
-                used -= u128::from(self.total(words, newest, x));
-            }
-            if used + cost <= capacity {
-                let j = j as u64 + 1;
-                return Admission::After(self.slice_start(s_now + j).saturating_sub(now));
+        // Slice y stops counting when slice y + precision + 1 begins; drop oldest first.
+        let mut left = used;
+        let mut last_drop = None;
+        for (y, total) in self.counted(words, updated, now).rev() {
+            left -= u128::from(total);
+            if left + cost <= capacity {
+                last_drop = Some(y);
+                break;
             }
         }
-        // Unreachable with cost <= capacity: after every slice slides out, usage is zero.
-        Admission::Never
+        match last_drop {
+            Some(y) => Admission::After(self.slice_start(y + self.ring_len()).saturating_sub(now)),
+            // Unreachable with cost <= capacity: with every slice gone, usage is zero.
+            None => Admission::Never,
+        }
     }
 
     /// Time until every counted slice (plus `pending` about to be charged now) has slid out.
     pub fn reset_ms(&self, words: &[u64], updated: u64, now: u64, pending: u64) -> u64 {
-        let newest = self.slice_of(updated);
-        let s_now = self.slice_of(now);
         let last_used = if pending > 0 {
-            Some(s_now)
+            Some(self.slice_of(now))
         } else {
-            self.counted(now)
-                .flatten()
-                .filter(|&x| self.total(words, newest, x) > 0)
-                .last()
+            self.counted(words, updated, now)
+                .find(|&(_, total)| total > 0)
+                .map(|(y, _)| y)
         };
         match last_used {
-            Some(x) => self.slice_start(x + self.ring_len()).saturating_sub(now),
+            Some(y) => self.slice_start(y + self.ring_len()).saturating_sub(now),
             None => 0,
         }
     }
@@ -119,15 +134,19 @@ impl Slices {
     /// Moves the ring from `updated` to `now`, clearing slices that have slid out.
     pub fn normalize(&self, words: &mut [u64], updated: u64, now: u64) {
         let (from, to) = (self.slice_of(updated), self.slice_of(now));
-        if to.saturating_sub(from) >= self.ring_len() {
+        let shift = to.saturating_sub(from);
+        if shift == 0 {
+            return;
+        }
+        if shift >= self.ring_len() {
             words.fill(0);
             return;
         }
-        for x in from + 1..=to {
-            if let Some(w) = usize::try_from(x % self.ring_len())
-                .ok()
-                .and_then(|i| words.get_mut(i))
-            {
+        let ring = words.len();
+        let mut i = usize::try_from(from % self.ring_len()).unwrap_or(0);
+        for _ in 0..shift {
+            i = if i + 1 == ring { 0 } else { i + 1 };
+            if let Some(w) = words.get_mut(i) {
                 *w = 0;
             }
         }
@@ -170,12 +189,9 @@ impl Slices {
 
     /// The instant from which every slice recorded up to `updated` has slid out.
     pub fn idle_at(&self, words: &[u64], updated: u64) -> Option<u64> {
-        let newest = self.slice_of(updated);
-        self.counted(updated)
-            .flatten()
-            .filter(|&x| self.total(words, newest, x) > 0)
-            .last()
-            .map(|x| self.slice_start(x + self.ring_len()))
+        self.counted(words, updated, updated)
+            .find(|&(_, total)| total > 0)
+            .map(|(y, _)| self.slice_start(y + self.ring_len()))
     }
 }
 
@@ -202,13 +218,28 @@ mod tests {
         S.charge(&mut w, T0 + 25_000, 6); // slice 602
         let now = T0 + 25_000;
         assert_eq!(S.used_at(&w, now, now), 10);
-        assert_eq!(S.admission(&w, now, now, 0, 10), Admission::Now);
+        assert_eq!(
+            S.admission(&w, now, now, S.used_at(&w, now, now), 0, 10),
+            Admission::Now
+        );
         // Slice 600 stops counting when slice 607 begins (at T0 + 70 s).
-        assert_eq!(S.admission(&w, now, now, 1, 10), Admission::After(45_000));
-        assert_eq!(S.admission(&w, now, now, 4, 10), Admission::After(45_000));
+        assert_eq!(
+            S.admission(&w, now, now, S.used_at(&w, now, now), 1, 10),
+            Admission::After(45_000)
+        );
+        assert_eq!(
+            S.admission(&w, now, now, S.used_at(&w, now, now), 4, 10),
+            Admission::After(45_000)
+        );
         // Five needs slice 602 gone too, at T0 + 90 s.
-        assert_eq!(S.admission(&w, now, now, 5, 10), Admission::After(65_000));
-        assert_eq!(S.admission(&w, now, now, 11, 10), Admission::Never);
+        assert_eq!(
+            S.admission(&w, now, now, S.used_at(&w, now, now), 5, 10),
+            Admission::After(65_000)
+        );
+        assert_eq!(
+            S.admission(&w, now, now, S.used_at(&w, now, now), 11, 10),
+            Admission::Never
+        );
         assert_eq!(S.reset_ms(&w, now, now, 0), 65_000);
         assert_eq!(S.idle_at(&w, now), Some(T0 + 90_000));
         // At T0 + 70 s, the first four have slid out.
@@ -259,7 +290,10 @@ mod tests {
         let mut w = fresh();
         S.charge(&mut w, 0, 10);
         assert_eq!(S.used_at(&w, 0, 0), 10);
-        assert_eq!(S.admission(&w, 0, 0, 1, 10), Admission::After(70_000));
+        assert_eq!(
+            S.admission(&w, 0, 0, S.used_at(&w, 0, 0), 1, 10),
+            Admission::After(70_000)
+        );
     }
 
     #[test]
@@ -270,13 +304,15 @@ mod tests {
         }
         assert_eq!(S.used_at(&w, T0, T0), u128::from(u64::MAX));
         assert_eq!(
-            S.admission(&w, T0, T0, u64::MAX, u64::MAX),
+            S.admission(&w, T0, T0, S.used_at(&w, T0, T0), u64::MAX, u64::MAX),
             Admission::After(70_000)
         );
         let huge = Slices {
             window_ms: crate::time::MAX_WINDOW_MS,
             precision: 600,
         };
-        let _ = huge.admission(&[u64::MAX; 601], u64::MAX / 2, u64::MAX / 2, 1, 1);
+        let words = [u64::MAX; 601];
+        let used = huge.used_at(&words, u64::MAX / 2, u64::MAX / 2);
+        let _ = huge.admission(&words, u64::MAX / 2, u64::MAX / 2, used, 1, 1);
     }
 }

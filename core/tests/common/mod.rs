@@ -1,6 +1,7 @@
 //! A subject in memory, driven through the core's public API on a manual clock.
 
 #![allow(dead_code)]
+#![allow(clippy::panic, clippy::indexing_slicing)] // test support: a panic is a failed test
 
 use std::sync::Arc;
 
