@@ -48,7 +48,11 @@ pub unsafe extern "C" fn info(
         field(ctx, "releases", stats.releases);
         field(ctx, "releases_unknown", stats.releases_unknown);
         field(ctx, "touches", stats.touches);
-        field(ctx, "leases_active", stats.leases_active);
+        field(
+            ctx,
+            "requests_in_flight",
+            crate::state::IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed),
+        );
         field(
             ctx,
             "waiting_clients",

@@ -7,11 +7,14 @@
 
 use std::os::raw::c_int;
 
+use redis_module::configuration::ConfigurationFlags;
 use redis_module::{raw, redis_module, Context, RedisString, RedisValue, Status};
 
 mod args;
 mod commands;
+mod config;
 mod info;
+mod reply;
 mod server;
 mod state;
 mod store;
@@ -86,4 +89,20 @@ redis_module! {
     data_types: [SUBJECT_TYPE],
     init: init,
     commands: [],
+    configurations: [
+        i64: [
+            ["default-ttl-ms", &config::DEFAULT_TTL_MS, 60_000, 1, config::MAX_TTL_MS, ConfigurationFlags::DEFAULT, None],
+            ["max-requests-per-key", &config::MAX_REQUESTS_PER_KEY, 10_000, 1, 10_000_000, ConfigurationFlags::DEFAULT, None],
+            ["idempotency-window-ms", &config::IDEMPOTENCY_WINDOW_MS, 86_400_000, 0, config::MAX_TTL_MS, ConfigurationFlags::DEFAULT, None],
+            ["max-ids-per-key", &config::MAX_IDS_PER_KEY, 10_000, 0, 10_000_000, ConfigurationFlags::DEFAULT, None],
+            ["max-waiters-per-key", &config::MAX_WAITERS_PER_KEY, 1_000, 0, 1_000_000, ConfigurationFlags::DEFAULT, None],
+            ["max-waiters", &config::MAX_WAITERS, 100_000, 0, 10_000_000, ConfigurationFlags::DEFAULT, None],
+        ],
+        string: [],
+        bool: [
+            ["cl-throttle-alias", &config::CL_THROTTLE_ALIAS, false, ConfigurationFlags::IMMUTABLE, None],
+        ],
+        enum: [],
+        module_args_as_configuration: true,
+    ]
 }

@@ -159,6 +159,11 @@ impl Ctx {
         api!(RedisModule_ReplicateVerbatim(self.0) else 0);
     }
 
+    /// Wakes clients blocked on `key` (they re-check whether they can go ahead).
+    pub fn signal_ready(&self, key: RawString) {
+        api!(RedisModule_SignalKeyAsReady(self.0, key) else ());
+    }
+
     pub fn signal_modified(&self, key: RawString) {
         api!(RedisModule_SignalModifiedKey(self.0, key) else 0);
     }

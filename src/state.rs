@@ -6,6 +6,7 @@
 //! [`MainThread`] cell rather than behind a lock.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tollgate_core::decide::{Outcome, Settings};
 use tollgate_core::layout::LayoutInterner;
@@ -29,7 +30,6 @@ pub struct Stats {
     pub releases: u64,
     pub releases_unknown: u64,
     pub touches: u64,
-    pub leases_active: u64,
     pub warn_crossed: u64,
     pub waits_blocked: u64,
     pub waits_admitted: u64,
@@ -87,4 +87,21 @@ pub fn init() {
         outcomes: Vec::with_capacity(16),
         payload: Vec::with_capacity(256),
     });
+}
+
+/// In-flight requests (leases and reservations) held in this node's keys, expired ones
+/// not yet purged included. Kept exactly: creation, load and copy add a key's count,
+/// writes add their difference, and freeing a key subtracts what it held.
+pub static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+/// Records that a key's request count went from `before` to `after`.
+pub fn track_requests(before: usize, after: usize) {
+    if after >= before {
+        IN_FLIGHT.fetch_add((after - before) as u64, Ordering::Relaxed);
+    } else {
+        let gone = (before - after) as u64;
+        let _ = IN_FLIGHT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_sub(gone))
+        });
+    }
 }

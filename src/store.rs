@@ -26,6 +26,11 @@ pub fn subject_in(key: &Key) -> Option<&mut Subject> {
     key.value_mut::<Subject>(&SUBJECT_TYPE)
 }
 
+/// How many requests a subject holds (for the in-flight counter).
+pub fn requests_len(subject: Option<&Subject>) -> usize {
+    subject.and_then(Subject::requests).map_or(0, |t| t.len())
+}
+
 /// What a write changed, beyond the limit part (which is always shipped).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Change<'a> {

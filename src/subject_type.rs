@@ -18,7 +18,8 @@ use tollgate_core::plan::Plans;
 use tollgate_core::subject::Subject;
 
 use crate::server::api;
-use crate::state::STATE;
+use crate::state::{track_requests, STATE};
+use crate::store::requests_len;
 
 /// Version of the subject encoding (passed back to `rdb_load`).
 pub const SUBJECT_ENCODING: i32 = 1;
@@ -99,7 +100,10 @@ unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mu
         };
         let decoded = STATE.with(|s| Subject::decode(&bytes, &mut s.interner, LOAD_MAX_REQUESTS));
         match decoded {
-            Ok(Ok(subject)) => Box::into_raw(Box::new(subject)).cast::<c_void>(),
+            Ok(Ok(subject)) => {
+                track_requests(0, requests_len(Some(&subject)));
+                Box::into_raw(Box::new(subject)).cast::<c_void>()
+            }
             Ok(Err(e)) => {
                 crate::server::log_warning(&format!("refusing a corrupt rlsubject value: {e}"));
                 ptr::null_mut()
@@ -170,7 +174,8 @@ unsafe extern "C" fn free(value: *mut c_void) {
     if !value.is_null() {
         // SAFETY: values of this type are `Box<Subject>` pointers, freed exactly once.
         guarded((), || {
-            drop(unsafe { Box::from_raw(value.cast::<Subject>()) })
+            let subject = unsafe { Box::from_raw(value.cast::<Subject>()) };
+            track_requests(requests_len(Some(&subject)), 0);
         });
     }
 }
@@ -181,7 +186,10 @@ unsafe extern "C" fn copy(
     value: *const c_void,
 ) -> *mut c_void {
     guarded(ptr::null_mut(), || match unsafe { subject_ref(value) } {
-        Some(subject) => Box::into_raw(Box::new(subject.clone())).cast::<c_void>(),
+        Some(subject) => {
+            track_requests(0, requests_len(Some(subject)));
+            Box::into_raw(Box::new(subject.clone())).cast::<c_void>()
+        }
         None => ptr::null_mut(),
     })
 }

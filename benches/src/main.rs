@@ -11,7 +11,12 @@
 //! Speed targets live here, never in tests: the figures vary with the machine.
 
 // A benchmark driver, not module code: stopping loudly on any failure is the point.
-#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;

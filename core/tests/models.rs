@@ -193,3 +193,76 @@ fn naive_window(window: &str, t: u64) -> u64 {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+enum LeaseOp {
+    Acquire,
+    Release(usize),
+    Touch(usize, u64),
+    Advance(u64),
+}
+
+fn lease_ops() -> impl Strategy<Value = Vec<LeaseOp>> {
+    proptest::collection::vec(
+        prop_oneof![
+            3 => Just(LeaseOp::Acquire),
+            2 => (0usize..8).prop_map(LeaseOp::Release),
+            1 => (0usize..8, 1u64..3_000).prop_map(|(i, t)| LeaseOp::Touch(i, t)),
+            2 => (0u64..1_500).prop_map(LeaseOp::Advance),
+        ],
+        1..150,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Leases: for any interleaving of acquire, release, touch and time steps, the
+    /// leases in flight never exceed the limit, an acquire is admitted exactly when a
+    /// naive list of live leases has room, and every slot frees once its TTL passes.
+    #[test]
+    fn leases_never_exceed_the_limit_and_always_free(max in 1u64..5, ttl in 1u64..2_000, ops in lease_ops()) {
+        let mut h = Harness::new(START);
+        h.plan("p", &[("jobs", &format!("concurrency {max} ttl {ttl}ms"))]);
+        // The model: (id, expires_at) of every lease handed out and not released.
+        let mut held: Vec<(String, u64)> = Vec::new();
+        for op in ops {
+            let now = h.clock.now_ms_value();
+            match op {
+                LeaseOp::Acquire => {
+                    let live = held.iter().filter(|(_, at)| *at > now).count() as u64;
+                    let r = h.acquire("p", 1);
+                    prop_assert_eq!(r.allowed(), live < max, "live {} max {}", live, max);
+                    if r.allowed() {
+                        held.push((r.id.clone().unwrap_or_default(), now + ttl));
+                    } else {
+                        check_retry_is_exact(&mut h, "p", 1, r.retry_after_ms())?;
+                    }
+                }
+                LeaseOp::Release(i) => {
+                    if held.is_empty() { continue; }
+                    let (id, at) = held.remove(i % held.len());
+                    let released = h.release(&id, &[]).is_some();
+                    prop_assert_eq!(released, at > now, "release of a lease live={}", at > now);
+                }
+                LeaseOp::Touch(i, extend) => {
+                    if held.is_empty() { continue; }
+                    let i = i % held.len();
+                    let live = held[i].1 > now;
+                    let subject = h.subject.as_mut().unwrap();
+                    let touched = tollgate_core::decide::touch(subject, held[i].0.as_bytes(), extend, now);
+                    prop_assert_eq!(touched.is_some(), live);
+                    if live {
+                        held[i].1 = now + extend;
+                    }
+                }
+                LeaseOp::Advance(dt) => h.advance(dt),
+            }
+        }
+        // Once every TTL has passed, every slot is free again.
+        h.advance(3_000);
+        for _ in 0..max {
+            prop_assert!(h.acquire("p", 1).allowed());
+        }
+    }
+}

@@ -7,8 +7,9 @@ use tollgate_core::delta::{Delta, KeyExpiry};
 
 use crate::args::{Args, CmdError, CmdResult};
 use crate::server::Ctx;
+use crate::state::track_requests;
 use crate::state::STATE;
-use crate::store::{open_subject, subject_in};
+use crate::store::{open_subject, requests_len, subject_in};
 use crate::subject_type::SUBJECT_TYPE;
 
 /// The most requests a replicated key may hold (the primary enforces its own cap).
@@ -27,9 +28,14 @@ pub fn apply(ctx: &Ctx, args: Args<'_>) -> CmdResult {
         .map_err(|e| CmdError::err(format_args!("invalid RL.APPLY payload: {e}")))?;
     let expiry = delta.expiry;
     match subject_in(&key) {
-        Some(subject) => delta.apply(subject),
+        Some(subject) => {
+            let before = requests_len(Some(subject));
+            delta.apply(subject);
+            track_requests(before, requests_len(Some(subject)));
+        }
         None => {
             if let Some(subject) = delta.into_new() {
+                track_requests(0, requests_len(Some(&subject)));
                 if !key.set_value(&SUBJECT_TYPE, Box::new(subject)) {
                     return Err(CmdError::err("cannot store the subject key"));
                 }

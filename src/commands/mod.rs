@@ -16,7 +16,9 @@ use crate::server::{api, Ctx, RawString};
 
 pub mod apply;
 pub mod limits;
+pub mod parse;
 pub mod plans;
+pub mod requests;
 
 pub type Handler = fn(&Ctx, Args<'_>) -> CmdResult;
 
@@ -66,6 +68,8 @@ entry!(plan_get_entry => plans::get);
 entry!(plan_del_entry => plans::del);
 entry!(plan_list_entry => plans::list);
 entry!(apply_entry => apply::apply);
+entry!(release_entry => requests::release);
+entry!(touch_entry => requests::touch);
 
 type Entry = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut RawString, c_int) -> c_int;
 
@@ -109,6 +113,24 @@ pub const COMMANDS: &[Command] = &[
         arity: -5,
         summary: c"GCRA throttle with redis-cell's CL.THROTTLE arguments and reply.",
         complexity: c"O(1)",
+    },
+    Command {
+        name: "rl.release",
+        entry: release_entry,
+        flags: "write deny-oom fast",
+        keys: (1, 1, 1),
+        arity: -3,
+        summary: c"End a request: free its lease and settle its reservation with actual costs.",
+        complexity: c"O(L + log R) for the L limits charged and the R requests in flight",
+    },
+    Command {
+        name: "rl.touch",
+        entry: touch_entry,
+        flags: "write deny-oom fast",
+        keys: (1, 1, 1),
+        arity: 4,
+        summary: c"Extend a live lease or reservation (a heartbeat for long jobs).",
+        complexity: c"O(L + log R) for the L limits and the R requests in flight",
     },
     Command {
         name: "rl.plan.set",
@@ -157,9 +179,21 @@ pub const COMMANDS: &[Command] = &[
     },
 ];
 
+/// `CL.THROTTLE`, registered only when `cl-throttle-alias yes` is set at load.
+pub const CL_THROTTLE: Command = Command {
+    name: "cl.throttle",
+    entry: throttle_entry,
+    flags: "write deny-oom fast",
+    keys: (1, 1, 1),
+    arity: -5,
+    summary: c"Alias of RL.THROTTLE (redis-cell's CL.THROTTLE).",
+    complexity: c"O(1)",
+};
+
 /// Registers every command; logs and fails on the first that cannot be created.
 pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
-    for command in COMMANDS {
+    let alias = crate::config::CL_THROTTLE_ALIAS.load(std::sync::atomic::Ordering::Relaxed);
+    for command in COMMANDS.iter().chain(alias.then_some(&CL_THROTTLE)) {
         let name = CString::new(command.name).map_err(|e| e.to_string())?;
         let flags = CString::new(command.flags).map_err(|e| e.to_string())?;
         let (first, last, step) = command.keys;

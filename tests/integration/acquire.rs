@@ -307,7 +307,7 @@ fn bad_input_gets_one_clear_error_and_changes_nothing() {
         ),
         (
             vec!["RL.ACQUIRE", "u", "free", "-1"],
-            "ERR unexpected argument '-1' (expected COST, ENDPOINT, ID or TTL)",
+            "ERR unexpected argument '-1' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY or CREDITS)",
         ),
         (
             vec!["RL.ACQUIRE", "u", "free", "18446744073709551616"],
@@ -364,7 +364,7 @@ fn bad_input_gets_one_clear_error_and_changes_nothing() {
         ),
         (
             vec!["RL.ACQUIRE", "u", "free", "BOGUS"],
-            "ERR unexpected argument 'BOGUS' (expected COST, ENDPOINT, ID or TTL)",
+            "ERR unexpected argument 'BOGUS' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY or CREDITS)",
         ),
         (
             vec!["RL.PEEK", "u", "free", "ID", "x"],

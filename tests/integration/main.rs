@@ -2,11 +2,17 @@
 //! against `redis-server` and, where installed, once against `valkey-server`.
 
 // Test code: a failed expectation is a failed test.
-#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 mod harness;
 
 mod acquire;
+mod leases;
 mod persistence;
 mod plans;
 mod replication;

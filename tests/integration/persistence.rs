@@ -59,7 +59,50 @@ pub fn workload(con: &mut redis::Connection) {
             ],
         );
     }
-    let _ = run(con, &["RL.THROTTLE", "cell:1", "5", "10", "60", "3"]);
+    let _ = try_run(con, &["RL.THROTTLE", "cell:1", "5", "10", "60", "3"]);
+    // Leases and reservations: some settled, some touched, some left in flight.
+    int(
+        con,
+        &[
+            "RL.PLAN.SET",
+            "jobs",
+            "slots",
+            "concurrency 5 ttl 1h",
+            "tpd",
+            "fixed 100000 token/1d",
+        ],
+    );
+    for i in 0..12 {
+        let key = format!("worker:{}", i % 3);
+        let id = format!("req-{i}");
+        let _ = try_run(
+            con,
+            &[
+                "RL.ACQUIRE",
+                &key,
+                "jobs",
+                "1",
+                "COST",
+                "token",
+                "500",
+                "ID",
+                &id,
+            ],
+        );
+        match i % 4 {
+            0 => {
+                let _ = try_run(con, &["RL.RELEASE", &key, &id, "COST", "token", "120"]);
+            }
+            1 => {
+                let _ = try_run(con, &["RL.TOUCH", &key, &id, "7200000"]);
+            }
+            2 => {
+                let _ = try_run(con, &["RL.RELEASE", &key, &id, "COST", "token", "900"]);
+            }
+            _ => {}
+        }
+    }
+    let _ = try_run(con, &["RL.ACQUIRE", "worker:9", "jobs"]);
 }
 
 /// What must survive: the dataset digest, the plans, and every limit's remaining.
@@ -99,6 +142,7 @@ fn debug_reload_keeps_plans_state_and_expiry() {
         run(&mut con, &["RL.PLAN.LIST"]),
         Value::Array(vec![
             Value::BulkString(b"free".to_vec()),
+            Value::BulkString(b"jobs".to_vec()),
             Value::BulkString(b"pro".to_vec()),
         ])
     );
