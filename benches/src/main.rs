@@ -256,7 +256,122 @@ fn main() {
         );
     }
     println!("\nTargets: 3-limit RL.ACQUIRE <= 1.5x INCR server-side; <= 200 bytes per subject.");
+    leases(&mut con, port, incr);
     drop(server);
+}
+
+/// A 4-limit plan (sliding + fixed + bucket + concurrency) taken with `ID` and settled
+/// with `RL.RELEASE ... COST`: server-side cost of both, throughput of the pair, and
+/// the cost with 1, 100 and 10,000 leases already live on the key.
+fn leases(con: &mut redis::Connection, port: u16, incr: f64) {
+    cmd(
+        con,
+        &[
+            "RL.PLAN.SET",
+            "four",
+            "rpm",
+            "sliding 100000000/1m",
+            "rpd",
+            "fixed 1000000000/1d",
+            "tpm",
+            "bucket 1000000000 token/1m",
+            "jobs",
+            "concurrency 100000000 ttl 1h",
+        ],
+    );
+    cmd(
+        con,
+        &["CONFIG", "SET", "tollgate.max-requests-per-key", "100000"],
+    );
+    println!("\nLeases: RL.ACQUIRE key four 1 COST token 100 ID <id>, then RL.RELEASE key <id> COST token 80");
+    println!(
+        "{:<46} {:>12} {:>7} {:>12} {:>7} {:>14}",
+        "keys", "acquire usec", "x INCR", "release usec", "x INCR", "pairs/s (-P16)"
+    );
+    cmd(con, &["FLUSHALL"]);
+    cmd(con, &["CONFIG", "RESETSTAT"]);
+    let rate = lease_cycles(port, None, 60_000);
+    report_pair(con, &format!("{SUBJECTS} random subjects"), incr, rate);
+    for live in [1u64, 100, 10_000] {
+        cmd(con, &["FLUSHALL"]);
+        let mut pipe = redis::pipe();
+        for i in 0..live.saturating_sub(1) {
+            pipe.cmd("RL.ACQUIRE")
+                .arg("hot")
+                .arg("four")
+                .arg("ID")
+                .arg(format!("held-{i}"))
+                .ignore();
+        }
+        if live > 1 {
+            let _: () = pipe.query(con).unwrap_or_else(|e| panic!("{e}"));
+        }
+        cmd(con, &["CONFIG", "RESETSTAT"]);
+        let rate = lease_cycles(port, Some("hot"), 20_000);
+        report_pair(con, &format!("one key with {live} live leases"), incr, rate);
+    }
+    println!("Target: each <= 1.5x INCR server-side, flat in the number of live leases.");
+}
+
+fn report_pair(con: &mut redis::Connection, name: &str, incr: f64, rate: f64) {
+    let acquire = usec_per_call(con, "rl.acquire");
+    let release = usec_per_call(con, "rl.release");
+    println!(
+        "{:<46} {:>12.3} {:>7.2} {:>12.3} {:>7.2} {:>14.0}",
+        name,
+        acquire,
+        acquire / incr,
+        release,
+        release / incr,
+        rate
+    );
+}
+
+/// Runs acquire/release pairs from 4 connections, 16 commands per round trip;
+/// returns pairs per second. `key`: one key for all, else random subjects.
+fn lease_cycles(port: u16, key: Option<&str>, pairs: u64) -> f64 {
+    let threads = 4u64;
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            scope.spawn(move || {
+                let mut con = connect(port).unwrap_or_else(|e| panic!("{e}"));
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                let mut n = 0;
+                while n < pairs / threads {
+                    let mut pipe = redis::pipe();
+                    for _ in 0..8 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let subject =
+                            key.map_or_else(|| format!("lease:{}", rng % SUBJECTS), str::to_string);
+                        let id = format!("t{t}-{n}");
+                        pipe.cmd("RL.ACQUIRE")
+                            .arg(&subject)
+                            .arg("four")
+                            .arg(1)
+                            .arg("COST")
+                            .arg("token")
+                            .arg(100)
+                            .arg("ID")
+                            .arg(&id)
+                            .ignore();
+                        pipe.cmd("RL.RELEASE")
+                            .arg(&subject)
+                            .arg(&id)
+                            .arg("COST")
+                            .arg("token")
+                            .arg(80)
+                            .ignore();
+                        n += 1;
+                    }
+                    let _: () = pipe.query(&mut con).unwrap_or_else(|e| panic!("{e}"));
+                }
+            });
+        }
+    });
+    (pairs / threads * threads) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn redis_version(con: &mut redis::Connection) -> String {
