@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
+use tollgate_core::credits::CreditSettings;
 use tollgate_core::decide::Settings;
 use tollgate_core::spec::DEFAULT_LEASE_TTL_MS;
 use tollgate_core::time::{MAX_WINDOW_MS, MS_PER_DAY};
@@ -16,6 +17,8 @@ pub static MAX_REQUESTS_PER_KEY: AtomicI64 = AtomicI64::new(10_000);
 pub static IDEMPOTENCY_WINDOW_MS: AtomicI64 = AtomicI64::new(MS_PER_DAY as i64);
 /// Most remembered ids per credits key (the oldest are forgotten first).
 pub static MAX_IDS_PER_KEY: AtomicI64 = AtomicI64::new(10_000);
+/// Most live blocks one credits key may hold.
+pub static MAX_BLOCKS_PER_KEY: AtomicI64 = AtomicI64::new(100_000);
 /// Most clients waiting (`WAIT`) on one key, and on the whole server.
 pub static MAX_WAITERS_PER_KEY: AtomicI64 = AtomicI64::new(1_000);
 pub static MAX_WAITERS: AtomicI64 = AtomicI64::new(100_000);
@@ -36,4 +39,12 @@ pub fn settings() -> Settings {
 
 pub fn max_requests_per_key() -> usize {
     usize::try_from(read(&MAX_REQUESTS_PER_KEY)).unwrap_or(usize::MAX)
+}
+
+pub fn credit_settings() -> CreditSettings {
+    CreditSettings {
+        window_ms: read(&IDEMPOTENCY_WINDOW_MS),
+        max_ids: usize::try_from(read(&MAX_IDS_PER_KEY)).unwrap_or(usize::MAX),
+        max_blocks: usize::try_from(read(&MAX_BLOCKS_PER_KEY)).unwrap_or(usize::MAX),
+    }
 }

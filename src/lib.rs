@@ -13,13 +13,16 @@ use redis_module::{raw, redis_module, Context, RedisString, RedisValue, Status};
 mod args;
 mod commands;
 mod config;
+mod credits_type;
 mod info;
+mod rdb;
 mod reply;
 mod server;
 mod state;
 mod store;
 mod subject_type;
 
+use credits_type::CREDITS_TYPE;
 use server::api;
 use subject_type::SUBJECT_TYPE;
 
@@ -86,7 +89,7 @@ redis_module! {
     name: "tollgate",
     version: 1,
     allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
-    data_types: [SUBJECT_TYPE],
+    data_types: [SUBJECT_TYPE, CREDITS_TYPE],
     init: init,
     commands: [],
     configurations: [
@@ -95,6 +98,7 @@ redis_module! {
             ["max-requests-per-key", &config::MAX_REQUESTS_PER_KEY, 10_000, 1, 10_000_000, ConfigurationFlags::DEFAULT, None],
             ["idempotency-window-ms", &config::IDEMPOTENCY_WINDOW_MS, 86_400_000, 0, config::MAX_TTL_MS, ConfigurationFlags::DEFAULT, None],
             ["max-ids-per-key", &config::MAX_IDS_PER_KEY, 10_000, 0, 10_000_000, ConfigurationFlags::DEFAULT, None],
+            ["max-blocks-per-key", &config::MAX_BLOCKS_PER_KEY, 100_000, 1, 10_000_000, ConfigurationFlags::DEFAULT, None],
             ["max-waiters-per-key", &config::MAX_WAITERS_PER_KEY, 1_000, 0, 1_000_000, ConfigurationFlags::DEFAULT, None],
             ["max-waiters", &config::MAX_WAITERS, 100_000, 0, 10_000_000, ConfigurationFlags::DEFAULT, None],
         ],

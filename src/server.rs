@@ -159,6 +159,16 @@ impl Ctx {
         api!(RedisModule_ReplicateVerbatim(self.0) else 0);
     }
 
+    /// Whether Redis is asking for key positions (`getkeys-api`) rather than running.
+    pub fn is_keys_position_request(&self) -> bool {
+        api!(RedisModule_IsKeysPositionRequest(self.0) else 0) != 0
+    }
+
+    /// Reports argument `i` as a key (answering a key position request).
+    pub fn key_at(&self, i: usize) {
+        api!(RedisModule_KeyAtPos(self.0, i as std::os::raw::c_int) else ());
+    }
+
     /// Wakes clients blocked on `key` (they re-check whether they can go ahead).
     pub fn signal_ready(&self, key: RawString) {
         api!(RedisModule_SignalKeyAsReady(self.0, key) else ());

@@ -4,10 +4,12 @@
 //! Every write to a subject goes through [`write_back`], so persistence, expiry and
 //! replication are decided in one place.
 
-use tollgate_core::delta::{DeltaWriter, KeyExpiry};
+use tollgate_core::credits::{Credits, Touched};
+use tollgate_core::delta::{CreditsDeltaWriter, DeltaWriter, KeyExpiry};
 use tollgate_core::subject::{Expiry, Subject};
 
 use crate::args::CmdError;
+use crate::credits_type::CREDITS_TYPE;
 use crate::server::{Ctx, Key, KeyKind, RawString};
 use crate::subject_type::SUBJECT_TYPE;
 
@@ -105,14 +107,70 @@ pub fn write_back(
     let bytes = delta.finish();
     ctx.replicate(c"RL.APPLY", name, &bytes);
     *payload = bytes;
+    set_key_expiry(key, expiry);
+    ctx.signal_modified(name);
+    Ok(())
+}
+
+/// Opens a credits key; `WRONGTYPE` if it holds something else.
+pub fn open_credits(ctx: &Ctx, name: RawString, write: bool) -> Result<Key, CmdError> {
+    let key = ctx.open_key(name, write);
+    match key.kind(&CREDITS_TYPE) {
+        KeyKind::Other => Err(CmdError::WrongType),
+        KeyKind::Empty | KeyKind::Ours => Ok(key),
+    }
+}
+
+/// The credits in an open key (checked with [`open_credits`]).
+pub fn credits_in(key: &Key) -> Option<&mut Credits> {
+    key.value_mut::<Credits>(&CREDITS_TYPE)
+}
+
+/// Like [`write_back`] for a credits key: stores `fresh` into an empty key, sets the
+/// expiry, replicates what `touched` names, and signals the key.
+pub fn write_back_credits(
+    ctx: &Ctx,
+    key: &Key,
+    name: RawString,
+    fresh: Option<Box<Credits>>,
+    touched: &Touched,
+    payload: &mut Vec<u8>,
+) -> Result<(), CmdError> {
+    if *touched == Touched::default() {
+        return Ok(());
+    }
+    if let Some(credits) = fresh {
+        if credits.expiry() == Expiry::Idle {
+            return Ok(());
+        }
+        if !key.set_value(&CREDITS_TYPE, credits) {
+            return Err(CmdError::err("cannot store the credits key"));
+        }
+    }
+    let Some(credits) = credits_in(key) else {
+        return Ok(());
+    };
+    let expiry = match credits.expiry() {
+        Expiry::Idle => KeyExpiry::Delete,
+        Expiry::At(at) => KeyExpiry::At(expiry_second(at)),
+        Expiry::Never => KeyExpiry::Persist,
+    };
+    let mut delta = CreditsDeltaWriter::new(std::mem::take(payload));
+    delta.changes(credits, touched).expiry(expiry);
+    let bytes = delta.finish();
+    ctx.replicate(c"RL.APPLY", name, &bytes);
+    *payload = bytes;
+    set_key_expiry(key, expiry);
+    ctx.signal_modified(name);
+    Ok(())
+}
+
+pub fn set_key_expiry(key: &Key, expiry: KeyExpiry) {
     match expiry {
         // Reading the expiry is one lookup; setting it is two and a write.
         KeyExpiry::At(at) if key.expire_at() != Some(at) => key.set_expire_at(at),
-        KeyExpiry::At(_) => {}
+        KeyExpiry::At(_) | KeyExpiry::Keep => {}
         KeyExpiry::Persist => key.persist(),
         KeyExpiry::Delete => key.delete(),
-        KeyExpiry::Keep => {}
     }
-    ctx.signal_modified(name);
-    Ok(())
 }

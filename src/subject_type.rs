@@ -6,8 +6,7 @@
 //! validates everything and returns NULL on any error (with `handle-io-errors`), so a
 //! corrupt payload fails the load or the RESTORE instead of crashing the server.
 
-use std::os::raw::{c_char, c_int, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::os::raw::{c_int, c_void};
 use std::ptr;
 
 use redis_module::native_types::RedisType;
@@ -17,6 +16,7 @@ use tollgate_core::delta::{DeltaWriter, KeyExpiry};
 use tollgate_core::plan::Plans;
 use tollgate_core::subject::Subject;
 
+use crate::rdb::{digest_bytes, emit_apply, guarded, load_buffer, save_buffer};
 use crate::server::api;
 use crate::state::{track_requests, STATE};
 use crate::store::requests_len;
@@ -60,31 +60,6 @@ fn encode(subject: &Subject) -> Vec<u8> {
     let mut w = Writer::new();
     subject.encode(&mut w);
     w.into_inner()
-}
-
-/// Runs `f`, turning a panic into `fallback` (a panic must never unwind into Redis).
-fn guarded<R>(fallback: R, f: impl FnOnce() -> R) -> R {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
-}
-
-/// Reads one string buffer from an RDB stream.
-fn load_buffer(io: *mut raw::RedisModuleIO) -> Option<Vec<u8>> {
-    let mut len: usize = 0;
-    let ptr = api!(RedisModule_LoadStringBuffer(io, &mut len) else ptr::null_mut());
-    if ptr.is_null() || api!(RedisModule_IsIOError(io) else 0) != 0 {
-        if !ptr.is_null() {
-            api!(RedisModule_Free(ptr.cast::<c_void>()) else ());
-        }
-        return None;
-    }
-    // SAFETY: Redis returned `len` bytes at `ptr`, which we copy and then free.
-    let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) }.to_vec();
-    api!(RedisModule_Free(ptr.cast::<c_void>()) else ());
-    Some(bytes)
-}
-
-fn save_buffer(io: *mut raw::RedisModuleIO, bytes: &[u8]) {
-    api!(RedisModule_SaveStringBuffer(io, bytes.as_ptr().cast::<c_char>(), bytes.len()) else ());
 }
 
 unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
@@ -142,14 +117,7 @@ unsafe extern "C" fn aof_rewrite(
             // Redis appends the key's PEXPIREAT itself after this command.
             delta.full(subject).expiry(KeyExpiry::Keep);
             let payload = delta.finish();
-            api!(RedisModule_EmitAOF(
-                io,
-                c"RL.APPLY".as_ptr(),
-                c"sb".as_ptr(),
-                key,
-                payload.as_ptr().cast::<c_char>(),
-                payload.len()
-            ) else ());
+            emit_apply(io, key, &payload);
         }
     })
 }
@@ -163,9 +131,7 @@ unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
 unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void) {
     guarded((), || {
         if let Some(subject) = unsafe { subject_ref(value) } {
-            let bytes = encode(subject);
-            api!(RedisModule_DigestAddStringBuffer(md, bytes.as_ptr().cast::<c_char>(), bytes.len()) else ());
-            api!(RedisModule_DigestEndSequence(md) else ());
+            digest_bytes(md, &encode(subject));
         }
     })
 }

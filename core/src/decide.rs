@@ -408,11 +408,7 @@ pub fn evaluate(
     }
     let admitted = result.is_now() || plan.mode == Mode::Shadow;
     if !admitted {
-        out.clear();
-        for (index, limit) in applicable() {
-            let v = view(plan, limit, subject, now);
-            out.push(outcome(index, limit, &v, 0, now, lease_until, subject));
-        }
+        standing(plan, subject, call, now, out);
     }
     Verdict {
         now,
@@ -421,6 +417,28 @@ pub fn evaluate(
         admitted,
         takes_request,
         ttl_ms,
+    }
+}
+
+/// How each limit of `plan` that applies to `call` stands now, charging nothing (the
+/// limits part of a denied call's reply).
+pub fn standing(
+    plan: &Plan,
+    subject: Option<&Subject>,
+    call: &Call<'_>,
+    clock_ms: u64,
+    out: &mut Vec<Outcome>,
+) {
+    let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
+    out.clear();
+    for (index, limit) in plan
+        .limits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.applies_to(call.endpoint))
+    {
+        let v = view(plan, limit, subject, now);
+        out.push(outcome(index, limit, &v, 0, now, now, subject));
     }
 }
 

@@ -15,6 +15,7 @@
 //! - **lease**, **reservation**, **request**: see [`requests`].
 
 pub mod codec;
+pub mod credits;
 pub mod decide;
 pub mod delta;
 pub mod layout;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use tollgate_core::credits::Touched;
 use tollgate_core::decide::{self, Call, Costs, Decided, Denial};
 use tollgate_core::limits::Admission;
 use tollgate_core::plan::{Plan, Plans};
@@ -13,9 +14,12 @@ use tollgate_core::time::MAX_WINDOW_MS;
 use super::parse::{parse_call, Accept, CallArgs};
 use crate::args::{printable, Args, CmdError, CmdResult};
 use crate::reply::{clamp, reply_decision, Extras};
-use crate::server::Ctx;
+use crate::server::{Ctx, Key, RawString};
 use crate::state::{track_requests, State, Stats, STATE};
-use crate::store::{open_subject, requests_len, subject_in, write_back, Change};
+use crate::store::{
+    credits_in, open_credits, open_subject, requests_len, subject_in, write_back,
+    write_back_credits, Change,
+};
 
 /// The plan a call names: a plan name, or `*` for the subject's assigned plan, else
 /// the default plan.
@@ -102,6 +106,49 @@ pub fn peek(ctx: &Ctx, args: Args<'_>) -> CmdResult {
 }
 
 fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -> CmdResult {
+    if parsed.wait_ms.is_some_and(|w| w > 0) {
+        return Err(CmdError::err("WAIT is not available yet"));
+    }
+    let attempted = attempt(ctx, state, parsed, charge)?;
+    attempted.reply(ctx, &state.outcomes);
+    Ok(())
+}
+
+/// One decision on a call, charged if admitted and `charge` is set. The per-limit
+/// outcomes are left in `state.outcomes` for the reply.
+pub struct Attempted {
+    pub decided: Decided,
+    pub id: Option<Box<[u8]>>,
+    /// The credits balance after the call (calls with `CREDITS`).
+    pub credits: Option<u64>,
+    /// The limits admitted the call but the credits key could not pay for it.
+    pub credits_denied: bool,
+}
+
+impl Attempted {
+    pub fn admitted(&self) -> bool {
+        self.decided.verdict.admitted && !self.credits_denied
+    }
+
+    pub fn reply(&self, ctx: &Ctx, outcomes: &[tollgate_core::decide::Outcome]) {
+        let extras = Extras {
+            id: self.id.as_deref(),
+            credits: self.credits,
+            credits_denied: self.credits_denied,
+        };
+        reply_decision(ctx, &self.decided, outcomes, extras);
+    }
+}
+
+/// Decides `parsed` (the subject key, its plan and fallbacks, and the credits key if
+/// named) at the server clock and, for an admitted `charge`, charges the limits and
+/// the credits in one step, then stores, replicates and signals both keys.
+pub fn attempt(
+    ctx: &Ctx,
+    state: &mut State,
+    parsed: &CallArgs<'_>,
+    charge: bool,
+) -> Result<Attempted, CmdError> {
     let State {
         plans,
         interner,
@@ -112,13 +159,14 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
     } = state;
     *settings = crate::config::settings();
     let key = open_subject(ctx, parsed.key, charge)?;
+    let credits_key = match parsed.credits {
+        Some((name, amount)) => Some((open_credits(ctx, name, charge)?, name, amount)),
+        None => None,
+    };
     let subject = subject_in(&key);
     let requested = resolve_plan(plans, parsed.plan, subject.as_deref())?;
     let call = parsed.call();
     let clock = ctx.now_ms();
-    if parsed.wait_ms.is_some() || parsed.credits.is_some() {
-        return Err(CmdError::err("WAIT and CREDITS are not available yet"));
-    }
     let decided = decide::decide(
         plans,
         &requested,
@@ -129,16 +177,36 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
         outcomes,
     );
     let verdict = decided.verdict;
-    if !charge {
-        reply_decision(ctx, &decided, outcomes, Extras::default());
-        return Ok(());
+    let mut attempted = Attempted {
+        decided,
+        id: None,
+        credits: None,
+        credits_denied: false,
+    };
+    if let Some((ckey, _, amount)) = &credits_key {
+        let balance = credits_in(ckey).map_or(0, |c| c.balance(c.effective_now(clock)));
+        attempted.credits = Some(balance);
+        if verdict.admitted && balance < *amount {
+            // Credits are money: shadow mode does not waive them.
+            attempted.credits_denied = true;
+            decide::standing(
+                &attempted.decided.plan,
+                subject.as_deref(),
+                &call,
+                clock,
+                outcomes,
+            );
+        }
     }
-    if verdict.admitted && verdict.takes_request {
+    if !charge {
+        return Ok(attempted);
+    }
+    if attempted.admitted() && verdict.takes_request {
         check_room_for_request(subject.as_deref(), call.id, verdict.now)?;
     }
     stats.calls += 1;
-    let mut id = None;
-    if verdict.admitted {
+    let decided = &attempted.decided;
+    if attempted.admitted() {
         stats.admitted += 1;
         if !verdict.admission.is_now() {
             stats.shadow_denied += 1;
@@ -156,7 +224,7 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
                 verdict.now,
             ))),
         };
-        id = decide::commit(&decided.plan, target, &call, &verdict, interner);
+        let id = decide::commit(&decided.plan, target, &call, &verdict, interner);
         track_requests(before, requests_len(Some(target)));
         let change = Change {
             purged_at: had_requests.then_some(verdict.now),
@@ -165,29 +233,52 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
             ..Change::default()
         };
         write_back(ctx, &key, parsed.key, fresh, change, payload)?;
+        if let Some((ckey, name, amount)) = &credits_key {
+            attempted.credits = Some(charge_credits(
+                ctx, ckey, *name, *amount, call.id, clock, payload,
+            )?);
+        }
+        attempted.id = id;
     } else {
         stats.denied += 1;
-        count_denial(stats, &decided);
+        if attempted.credits_denied {
+            stats.denied_credits += 1;
+        } else {
+            count_denial(stats, decided);
+        }
     }
     // Operators who enable module keyspace events (notify-keyspace-events with `d`)
     // see denials, shadow denials included, and first crossings of warn thresholds.
-    if !verdict.admission.is_now() {
+    if !verdict.admission.is_now() || attempted.credits_denied {
         ctx.notify(c"rl.denied", parsed.key);
     }
-    if verdict.admitted && outcomes.iter().any(|o| o.warn_crossed) {
+    if attempted.admitted() && outcomes.iter().any(|o| o.warn_crossed) {
         stats.warn_crossed += 1;
         ctx.notify(c"rl.warn", parsed.key);
     }
-    reply_decision(
-        ctx,
-        &decided,
-        outcomes,
-        Extras {
-            id: id.as_deref(),
-            ..Extras::default()
-        },
-    );
-    Ok(())
+    Ok(attempted)
+}
+
+/// Deducts `amount` from the credits key of an admitted call (known to cover it),
+/// with the call's request id as the deduction id so it can be refunded.
+fn charge_credits(
+    ctx: &Ctx,
+    key: &Key,
+    name: RawString,
+    amount: u64,
+    id: Option<&[u8]>,
+    clock: u64,
+    payload: &mut Vec<u8>,
+) -> Result<u64, CmdError> {
+    let settings = crate::config::credit_settings();
+    let mut touched = Touched::default();
+    let (_, balance) = match credits_in(key) {
+        Some(credits) => credits.deduct(amount, false, id, clock, &settings, &mut touched),
+        // Only a zero amount is covered by a missing key: nothing to store.
+        None => return Ok(0),
+    };
+    write_back_credits(ctx, key, name, None, &touched, payload)?;
+    Ok(balance)
 }
 
 /// `RL.THROTTLE key max_burst count period [quantity]`: redis-cell's `CL.THROTTLE`.

@@ -313,3 +313,27 @@ pub fn parse_release<'a>(args: &Args<'a>) -> Result<ReleaseArgs<'a>, CmdError> {
         actual,
     })
 }
+
+/// The argument index of the `CREDITS` key of an `RL.ACQUIRE`, found by walking the
+/// grammar as [`parse_call`] does (for cluster routing: `getkeys-api`).
+pub fn credits_key_position(args: &Args<'_>) -> Option<usize> {
+    let mut i = 3;
+    if args.bytes(i).is_some_and(is_integer) {
+        i += 1;
+    }
+    while i < args.len() {
+        if args.is(i, "COST") {
+            i += 1;
+            while i < args.len() && !is_keyword(args, i) {
+                i += 2;
+            }
+        } else if args.is(i, "CREDITS") {
+            return (i + 1 < args.len()).then_some(i + 1);
+        } else if is_keyword(args, i) {
+            i += 2;
+        } else {
+            return None;
+        }
+    }
+    None
+}

@@ -12,6 +12,8 @@
 mod harness;
 
 mod acquire;
+mod budget;
+mod credits;
 mod leases;
 mod persistence;
 mod plans;

@@ -1,0 +1,880 @@
+//! Prepaid credits: a balance made of blocks, each with an amount and an optional
+//! expiry, consumed earliest-expiry first (blocks without expiry last).
+//!
+//! - A block is live while `now < expires_at`; expired blocks count for nothing and
+//!   are dropped. They sort first, so dropping them pops a prefix of the table.
+//! - `GRANT ... ID` and `DEDUCT ... ID` are idempotent: the first result is remembered
+//!   (until `forget_at`, the idempotency window) and a repeat returns it unchanged.
+//! - A remembered deduction records which blocks it came from, so `REFUND` can return
+//!   it — once, to the blocks still live.
+//! - `total` is always the sum of `left` over the table (expired-but-not-yet-dropped
+//!   blocks included), so a balance costs O(expired blocks), usually nothing.
+//!
+//! Every write records what it touched in a [`Touched`], which the module turns into a
+//! replicated delta of O(blocks touched) bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::codec::{bad, DecodeError, Reader, Writer};
+
+/// Longest block or request id, in bytes.
+pub const MAX_CREDIT_ID_LEN: usize = 256;
+
+/// Where a block sorts: its expiry (`u64::MAX` for none), then grant order.
+pub type BlockKey = (u64, u64);
+
+const NEVER: u64 = u64::MAX;
+
+/// One grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub id: Box<[u8]>,
+    pub granted: u64,
+    pub left: u64,
+    /// Remembered deductions that took from this block (and may refund to it).
+    pub refs: u32,
+}
+
+/// A remembered result, for idempotency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Grant {
+        balance: u64,
+    },
+    Deduct {
+        deducted: u64,
+        balance: u64,
+        parts: Vec<(BlockKey, u64)>,
+        refunded: bool,
+    },
+}
+
+/// A remembered id: its result, and when it is forgotten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub forget_at: u64,
+    pub recorded: Recorded,
+}
+
+/// Why a credits call was refused (nothing changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreditsError {
+    ZeroGrant,
+    AlreadyExpired,
+    Overflow,
+    TooManyBlocks(usize),
+}
+
+impl std::fmt::Display for CreditsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CreditsError::ZeroGrant => write!(f, "amount must be at least 1"),
+            CreditsError::AlreadyExpired => write!(f, "the block would already be expired"),
+            CreditsError::Overflow => write!(f, "the balance would exceed 18446744073709551615"),
+            CreditsError::TooManyBlocks(max) => write!(
+                f,
+                "the key already holds {max} blocks (tollgate.max-blocks-per-key)"
+            ),
+        }
+    }
+}
+
+/// Limits and windows a write needs.
+#[derive(Debug, Clone, Copy)]
+pub struct CreditSettings {
+    /// How long ids are remembered.
+    pub window_ms: u64,
+    /// Most remembered ids (the oldest are forgotten first).
+    pub max_ids: usize,
+    /// Most blocks one key may hold.
+    pub max_blocks: usize,
+}
+
+/// What a write touched: the blocks and ids whose state must be replicated.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// Expired blocks and ids were dropped as of this instant.
+    pub purged_at: Option<u64>,
+    pub blocks: Vec<BlockKey>,
+    pub ids: Vec<Box<[u8]>>,
+}
+
+/// The credits of one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credits {
+    /// The clock's high-water mark for this key.
+    pub updated_ms: u64,
+    pub next_seq: u64,
+    total: u64,
+    blocks: BTreeMap<BlockKey, Block>,
+    block_ids: BTreeMap<Box<[u8]>, BlockKey>,
+    ids: BTreeMap<Box<[u8]>, Remembered>,
+    ids_by_time: BTreeSet<(u64, Box<[u8]>)>,
+}
+
+/// Remembered ids of grants and deductions live in one table; a tag byte keeps the
+/// two namespaces apart.
+fn id_key(kind: u8, id: &[u8]) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(id.len() + 1);
+    key.push(kind);
+    key.extend_from_slice(id);
+    key.into_boxed_slice()
+}
+
+const GRANT_ID: u8 = b'g';
+const DEDUCT_ID: u8 = b'd';
+
+impl Credits {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn effective_now(&self, clock_ms: u64) -> u64 {
+        clock_ms.max(self.updated_ms)
+    }
+
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn id_count(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn block(&self, key: &BlockKey) -> Option<&Block> {
+        self.blocks.get(key)
+    }
+
+    pub fn remembered(&self, key: &[u8]) -> Option<&Remembered> {
+        self.ids.get(key)
+    }
+
+    /// The live balance at `now` (read-only).
+    pub fn balance(&self, now: u64) -> u64 {
+        let expired: u64 = self
+            .blocks
+            .range(..(now.saturating_add(1), 0))
+            .map(|(_, b)| b.left)
+            .sum();
+        self.total.saturating_sub(expired)
+    }
+
+    /// Live blocks still holding credits, in consumption order:
+    /// `(id, left, granted, expires_at)`. (Emptied blocks kept only so a remembered
+    /// deduction can be refunded to them are not listed.)
+    pub fn live_blocks(
+        &self,
+        now: u64,
+    ) -> impl Iterator<Item = (&[u8], u64, u64, Option<u64>)> + '_ {
+        self.blocks
+            .range((now.saturating_add(1), 0)..)
+            .filter(|(_, b)| b.left > 0)
+            .map(|(&(at, _), b)| (&*b.id, b.left, b.granted, (at != NEVER).then_some(at)))
+    }
+
+    /// Drops expired blocks and forgotten ids as of `now`, and moves the clock.
+    fn purge(&mut self, now: u64, touched: &mut Touched) {
+        self.updated_ms = now;
+        touched.purged_at = Some(now);
+        self.drop_expired(now);
+    }
+
+    /// What [`Touched::purged_at`] replays on a replica.
+    pub fn drop_expired(&mut self, now: u64) {
+        while let Some((&key, _)) = self.blocks.first_key_value() {
+            if key.0 > now {
+                break;
+            }
+            self.remove_block(key);
+        }
+        while let Some((at, _)) = self.ids_by_time.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, id)) = self.ids_by_time.pop_first() {
+                self.forget(&id);
+            }
+        }
+    }
+
+    fn remove_block(&mut self, key: BlockKey) -> Option<Block> {
+        let block = self.blocks.remove(&key)?;
+        self.total = self.total.saturating_sub(block.left);
+        self.block_ids.remove(&block.id);
+        Some(block)
+    }
+
+    /// Forgets a remembered id, releasing the blocks its deduction referenced.
+    fn forget(&mut self, id: &[u8]) -> Option<Remembered> {
+        let remembered = self.ids.remove(id)?;
+        self.ids_by_time
+            .remove(&(remembered.forget_at, Box::from(id)));
+        if let Recorded::Deduct { parts, .. } = &remembered.recorded {
+            for (key, _) in parts {
+                self.unref_block(*key);
+            }
+        }
+        Some(remembered)
+    }
+
+    fn unref_block(&mut self, key: BlockKey) {
+        if let Some(block) = self.blocks.get_mut(&key) {
+            block.refs = block.refs.saturating_sub(1);
+            if block.refs == 0 && block.left == 0 {
+                self.remove_block(key);
+            }
+        }
+    }
+
+    fn remember(
+        &mut self,
+        id: Box<[u8]>,
+        remembered: Remembered,
+        settings: &CreditSettings,
+        touched: &mut Touched,
+    ) {
+        if settings.max_ids == 0 || settings.window_ms == 0 {
+            if let Recorded::Deduct { parts, .. } = &remembered.recorded {
+                for (key, _) in parts {
+                    self.unref_block(*key);
+                    touched.blocks.push(*key);
+                }
+            }
+            return;
+        }
+        while self.ids.len() >= settings.max_ids {
+            let Some((_, oldest)) = self.ids_by_time.first().cloned() else {
+                break;
+            };
+            if let Some(Remembered {
+                recorded: Recorded::Deduct { parts, .. },
+                ..
+            }) = self.forget(&oldest)
+            {
+                touched.blocks.extend(parts.iter().map(|(k, _)| *k));
+            }
+            touched.ids.push(oldest);
+        }
+        self.ids_by_time.insert((remembered.forget_at, id.clone()));
+        self.ids.insert(id.clone(), remembered);
+        touched.ids.push(id);
+    }
+
+    /// Adds a block of `amount`, live until `expires_at` (or forever). With an `id`, a
+    /// repeat returns the first result and changes nothing. Returns the balance.
+    pub fn grant(
+        &mut self,
+        amount: u64,
+        expires_at: Option<u64>,
+        id: Option<&[u8]>,
+        clock_ms: u64,
+        settings: &CreditSettings,
+        touched: &mut Touched,
+    ) -> Result<u64, CreditsError> {
+        let now = self.effective_now(clock_ms);
+        if let Some(id) = id {
+            if let Some(Remembered {
+                recorded: Recorded::Grant { balance },
+                forget_at,
+            }) = self.ids.get(&id_key(GRANT_ID, id))
+            {
+                if *forget_at > now {
+                    return Ok(*balance);
+                }
+            }
+            // A block still holding this id was granted already (its record may have
+            // been forgotten): no second grant.
+            if self.block_ids.get(id).is_some_and(|key| key.0 > now) {
+                return Ok(self.balance(now));
+            }
+        }
+        if amount == 0 {
+            return Err(CreditsError::ZeroGrant);
+        }
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(CreditsError::AlreadyExpired);
+        }
+        if self.balance(now).checked_add(amount).is_none() {
+            return Err(CreditsError::Overflow);
+        }
+        let live_blocks =
+            self.blocks.len() - self.blocks.range(..(now.saturating_add(1), 0)).count();
+        if live_blocks >= settings.max_blocks {
+            return Err(CreditsError::TooManyBlocks(settings.max_blocks));
+        }
+        self.purge(now, touched);
+        self.next_seq += 1;
+        let key = (expires_at.unwrap_or(NEVER), self.next_seq);
+        let block_id: Box<[u8]> = match id {
+            Some(id) => id.into(),
+            None => format!("{now}-{}", self.next_seq)
+                .into_bytes()
+                .into_boxed_slice(),
+        };
+        // A stale block with the same id (expired, or generated the same) gives way.
+        if let Some(old) = self.block_ids.get(&block_id).copied() {
+            self.remove_block(old);
+            touched.blocks.push(old);
+        }
+        self.blocks.insert(
+            key,
+            Block {
+                id: block_id.clone(),
+                granted: amount,
+                left: amount,
+                refs: 0,
+            },
+        );
+        self.block_ids.insert(block_id, key);
+        self.total += amount;
+        touched.blocks.push(key);
+        let balance = self.total;
+        if let Some(id) = id {
+            let forget_at = now.saturating_add(settings.window_ms);
+            self.remember(
+                id_key(GRANT_ID, id),
+                Remembered {
+                    forget_at,
+                    recorded: Recorded::Grant { balance },
+                },
+                settings,
+                touched,
+            );
+        }
+        Ok(balance)
+    }
+
+    /// Takes `amount` from the blocks, earliest expiry first. Without `partial`, all or
+    /// nothing. With an `id`, a repeat returns the first result and changes nothing.
+    /// Returns `(deducted, balance)`.
+    pub fn deduct(
+        &mut self,
+        amount: u64,
+        partial: bool,
+        id: Option<&[u8]>,
+        clock_ms: u64,
+        settings: &CreditSettings,
+        touched: &mut Touched,
+    ) -> (u64, u64) {
+        let now = self.effective_now(clock_ms);
+        if let Some(id) = id {
+            if let Some(Remembered {
+                recorded:
+                    Recorded::Deduct {
+                        deducted, balance, ..
+                    },
+                forget_at,
+            }) = self.ids.get(&id_key(DEDUCT_ID, id))
+            {
+                if *forget_at > now {
+                    return (*deducted, *balance);
+                }
+            }
+        }
+        self.purge(now, touched);
+        let want = if partial {
+            amount.min(self.total)
+        } else if self.total >= amount {
+            amount
+        } else {
+            0
+        };
+        let mut parts = Vec::new();
+        let mut left_to_take = want;
+        let mut emptied = Vec::new();
+        for (&key, block) in self.blocks.iter_mut() {
+            if left_to_take == 0 {
+                break;
+            }
+            let take = block.left.min(left_to_take);
+            if take == 0 {
+                continue;
+            }
+            block.left -= take;
+            left_to_take -= take;
+            touched.blocks.push(key);
+            if id.is_some() {
+                block.refs = block.refs.saturating_add(1);
+                parts.push((key, take));
+            }
+            if block.left == 0 && block.refs == 0 {
+                emptied.push(key);
+            }
+        }
+        for key in emptied {
+            self.remove_block(key);
+        }
+        self.total -= want - left_to_take;
+        let balance = self.total;
+        if let Some(id) = id {
+            let forget_at = now.saturating_add(settings.window_ms);
+            let recorded = Recorded::Deduct {
+                deducted: want,
+                balance,
+                parts,
+                refunded: false,
+            };
+            self.remember(
+                id_key(DEDUCT_ID, id),
+                Remembered {
+                    forget_at,
+                    recorded,
+                },
+                settings,
+                touched,
+            );
+        }
+        (want, balance)
+    }
+
+    /// Whether deducting `amount` now would succeed in full.
+    pub fn covers(&self, amount: u64, clock_ms: u64) -> bool {
+        self.balance(self.effective_now(clock_ms)) >= amount
+    }
+
+    /// Returns deduction `id` to the blocks it came from that are still live, once.
+    /// Returns `(refunded, balance)`.
+    pub fn refund(&mut self, id: &[u8], clock_ms: u64, touched: &mut Touched) -> (u64, u64) {
+        let now = self.effective_now(clock_ms);
+        let key = id_key(DEDUCT_ID, id);
+        let refundable = matches!(
+            self.ids.get(&key),
+            Some(Remembered { recorded: Recorded::Deduct { refunded: false, .. }, forget_at }) if *forget_at > now
+        );
+        if !refundable {
+            return (0, self.balance(now));
+        }
+        self.purge(now, touched);
+        let parts = match self.ids.get_mut(&key) {
+            Some(Remembered {
+                recorded:
+                    Recorded::Deduct {
+                        parts, refunded, ..
+                    },
+                ..
+            }) => {
+                *refunded = true;
+                std::mem::take(parts)
+            }
+            _ => Vec::new(),
+        };
+        let mut refunded = 0u64;
+        for (block_key, amount) in parts {
+            if let Some(block) = self.blocks.get_mut(&block_key) {
+                let back = amount.min(block.granted - block.left);
+                block.left += back;
+                block.refs = block.refs.saturating_sub(1);
+                refunded += back;
+                touched.blocks.push(block_key);
+            }
+        }
+        self.total = self.total.saturating_add(refunded);
+        touched.ids.push(key);
+        (refunded, self.total)
+    }
+
+    /// Removes block `id`; returns what it still held (0 if unknown or expired).
+    pub fn revoke(&mut self, id: &[u8], clock_ms: u64, touched: &mut Touched) -> u64 {
+        let now = self.effective_now(clock_ms);
+        let Some(key) = self.block_ids.get(id).copied().filter(|k| k.0 > now) else {
+            return 0;
+        };
+        self.purge(now, touched);
+        touched.blocks.push(key);
+        self.remove_block(key).map_or(0, |b| b.left)
+    }
+
+    /// When the key may go: never while a live block without expiry holds credits;
+    /// else when the last block expires and the last id is forgotten.
+    pub fn expiry(&self) -> crate::subject::Expiry {
+        use crate::subject::Expiry;
+        if self
+            .blocks
+            .iter()
+            .any(|(&(at, _), b)| at == NEVER && b.left > 0)
+        {
+            return Expiry::Never;
+        }
+        let last_block = self
+            .blocks
+            .keys()
+            .map(|&(at, _)| at)
+            .filter(|&at| at != NEVER)
+            .max();
+        let last_id = self.ids_by_time.last().map(|(at, _)| *at);
+        match last_block.max(last_id) {
+            Some(at) => Expiry::At(at),
+            None => Expiry::Idle,
+        }
+    }
+
+    // --- Replication: what a delta ships, and how a replica applies it. ---
+
+    /// Upserts (or, with `None`, removes) block `key`, keeping `total` and the id index.
+    pub fn put_block(&mut self, key: BlockKey, block: Option<Block>) {
+        self.remove_block(key);
+        if let Some(block) = block {
+            self.total = self.total.saturating_add(block.left);
+            self.block_ids.insert(block.id.clone(), key);
+            self.blocks.insert(key, block);
+        }
+    }
+
+    /// Upserts (or removes) remembered id `key`.
+    pub fn put_id(&mut self, key: &[u8], remembered: Option<Remembered>) {
+        if let Some(old) = self.ids.remove(key) {
+            self.ids_by_time.remove(&(old.forget_at, Box::from(key)));
+        }
+        if let Some(r) = remembered {
+            self.ids_by_time.insert((r.forget_at, Box::from(key)));
+            self.ids.insert(Box::from(key), r);
+        }
+    }
+
+    pub fn encode(&self, w: &mut Writer) {
+        w.varint(self.updated_ms);
+        w.varint(self.next_seq);
+        w.varint(self.blocks.len() as u64);
+        for (key, block) in &self.blocks {
+            encode_block(w, *key, block);
+        }
+        w.varint(self.ids.len() as u64);
+        for (key, r) in &self.ids {
+            encode_id(w, key, r);
+        }
+    }
+
+    pub fn decode(input: &[u8], max: usize) -> Result<Credits, DecodeError> {
+        let mut r = Reader::new(input);
+        let mut credits = Credits {
+            updated_ms: r.varint()?,
+            next_seq: r.varint()?,
+            ..Credits::default()
+        };
+        for _ in 0..r.count(max)? {
+            let (key, block) = decode_block(&mut r)?;
+            if credits.blocks.contains_key(&key) || credits.block_ids.contains_key(&block.id) {
+                return bad("block appears twice");
+            }
+            if credits.total.checked_add(block.left).is_none() {
+                return bad("balance overflows");
+            }
+            credits.put_block(key, Some(block));
+        }
+        for _ in 0..r.count(max)? {
+            let (key, remembered) = decode_id(&mut r)?;
+            credits.put_id(&key, Some(remembered));
+        }
+        r.finish()?;
+        Ok(credits)
+    }
+
+    /// Approximate heap bytes held (for `MEMORY USAGE`).
+    pub fn mem_usage(&self) -> usize {
+        let blocks: usize = self.blocks.values().map(|b| 2 * b.id.len() + 120).sum();
+        let ids: usize = self
+            .ids
+            .iter()
+            .map(|(k, r)| {
+                2 * k.len()
+                    + 120
+                    + match &r.recorded {
+                        Recorded::Deduct { parts, .. } => parts.len() * 24,
+                        Recorded::Grant { .. } => 0,
+                    }
+            })
+            .sum();
+        std::mem::size_of::<Credits>() + blocks + ids
+    }
+}
+
+pub fn encode_block(w: &mut Writer, key: BlockKey, block: &Block) {
+    w.varint(key.0);
+    w.varint(key.1);
+    w.bytes(&block.id);
+    w.varint(block.granted);
+    w.varint(block.left);
+    w.varint(u64::from(block.refs));
+}
+
+pub fn decode_block(r: &mut Reader<'_>) -> Result<(BlockKey, Block), DecodeError> {
+    let key = (r.varint()?, r.varint()?);
+    let id = r.bytes()?;
+    if id.is_empty() || id.len() > MAX_CREDIT_ID_LEN {
+        return bad("block id length out of range");
+    }
+    let granted = r.varint()?;
+    let left = r.varint()?;
+    if left > granted {
+        return bad("block holds more than it was granted");
+    }
+    let refs = u32::try_from(r.varint()?).or_else(|_| bad("block refs out of range"))?;
+    Ok((
+        key,
+        Block {
+            id: id.into(),
+            granted,
+            left,
+            refs,
+        },
+    ))
+}
+
+pub fn encode_id(w: &mut Writer, key: &[u8], r: &Remembered) {
+    w.bytes(key);
+    w.varint(r.forget_at);
+    match &r.recorded {
+        Recorded::Grant { balance } => {
+            w.u8(1);
+            w.varint(*balance);
+        }
+        Recorded::Deduct {
+            deducted,
+            balance,
+            parts,
+            refunded,
+        } => {
+            w.u8(2);
+            w.varint(*deducted);
+            w.varint(*balance);
+            w.u8(u8::from(*refunded));
+            w.varint(parts.len() as u64);
+            for ((at, seq), amount) in parts {
+                w.varint(*at);
+                w.varint(*seq);
+                w.varint(*amount);
+            }
+        }
+    }
+}
+
+pub fn decode_id(r: &mut Reader<'_>) -> Result<(Box<[u8]>, Remembered), DecodeError> {
+    let key = r.bytes()?;
+    if key.len() < 2 || key.len() > MAX_CREDIT_ID_LEN + 1 {
+        return bad("id length out of range");
+    }
+    let forget_at = r.varint()?;
+    let recorded = match r.u8()? {
+        1 => Recorded::Grant {
+            balance: r.varint()?,
+        },
+        2 => {
+            let deducted = r.varint()?;
+            let balance = r.varint()?;
+            let refunded = r.u8()? != 0;
+            let n = r.count(1_000_000)?;
+            let mut parts = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                parts.push(((r.varint()?, r.varint()?), r.varint()?));
+            }
+            Recorded::Deduct {
+                deducted,
+                balance,
+                parts,
+                refunded,
+            }
+        }
+        t => return bad(format!("bad id record tag {t}")),
+    };
+    Ok((
+        key.into(),
+        Remembered {
+            forget_at,
+            recorded,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: CreditSettings = CreditSettings {
+        window_ms: 1_000,
+        max_ids: 100,
+        max_blocks: 1_000,
+    };
+
+    fn grant(
+        c: &mut Credits,
+        amount: u64,
+        expires_at: Option<u64>,
+        id: Option<&str>,
+        now: u64,
+    ) -> Result<u64, CreditsError> {
+        c.grant(
+            amount,
+            expires_at,
+            id.map(str::as_bytes),
+            now,
+            &S,
+            &mut Touched::default(),
+        )
+    }
+
+    fn deduct(
+        c: &mut Credits,
+        amount: u64,
+        partial: bool,
+        id: Option<&str>,
+        now: u64,
+    ) -> (u64, u64) {
+        c.deduct(
+            amount,
+            partial,
+            id.map(str::as_bytes),
+            now,
+            &S,
+            &mut Touched::default(),
+        )
+    }
+
+    #[test]
+    fn blocks_are_consumed_earliest_expiry_first_and_never_expiring_last() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 10, None, Some("forever"), 0), Ok(10));
+        assert_eq!(grant(&mut c, 5, Some(500), Some("late"), 0), Ok(15));
+        assert_eq!(grant(&mut c, 3, Some(100), Some("soon"), 0), Ok(18));
+        assert_eq!(deduct(&mut c, 4, false, None, 10), (4, 14));
+        let left: Vec<(String, u64)> = c
+            .live_blocks(10)
+            .map(|(id, left, ..)| (String::from_utf8_lossy(id).into(), left))
+            .collect();
+        assert_eq!(left, [("late".to_string(), 4), ("forever".to_string(), 10)]);
+    }
+
+    #[test]
+    fn deductions_are_all_or_nothing_unless_partial() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 10, None, None, 0), Ok(10));
+        assert_eq!(deduct(&mut c, 11, false, None, 0), (0, 10));
+        assert_eq!(deduct(&mut c, 11, true, None, 0), (10, 0));
+        assert_eq!(deduct(&mut c, 1, true, None, 0), (0, 0));
+    }
+
+    #[test]
+    fn a_block_expires_at_its_exact_millisecond() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 7, Some(1_000), None, 0), Ok(7));
+        assert_eq!(c.balance(999), 7);
+        assert_eq!(c.balance(1_000), 0);
+        assert_eq!(deduct(&mut c, 1, false, None, 1_000), (0, 0));
+        assert_eq!(c.block_count(), 0, "the expired block was dropped");
+        assert_eq!(
+            grant(&mut c, 1, Some(1_000), None, 1_000),
+            Err(CreditsError::AlreadyExpired)
+        );
+    }
+
+    #[test]
+    fn repeated_ids_return_the_first_result_until_the_window_ends() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 10, None, Some("pay-1"), 0), Ok(10));
+        assert_eq!(grant(&mut c, 10, None, Some("pay-1"), 5), Ok(10));
+        assert_eq!(c.balance(5), 10, "a retried grant changes nothing");
+        assert_eq!(deduct(&mut c, 3, false, Some("req-1"), 10), (3, 7));
+        assert_eq!(deduct(&mut c, 3, false, Some("req-1"), 20), (3, 7));
+        assert_eq!(c.balance(20), 7, "a retried deduction changes nothing");
+        // Past the window the deduction id is forgotten: it charges again.
+        assert_eq!(deduct(&mut c, 3, false, Some("req-1"), 1_010), (3, 4));
+        // The grant's block still holds its id, so the grant does not repeat.
+        assert_eq!(grant(&mut c, 10, None, Some("pay-1"), 2_000), Ok(4));
+    }
+
+    #[test]
+    fn refunds_return_to_live_blocks_once() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 5, Some(100), Some("a"), 0), Ok(5));
+        assert_eq!(grant(&mut c, 5, None, Some("b"), 0), Ok(10));
+        assert_eq!(deduct(&mut c, 8, false, Some("r"), 10), (8, 2));
+        assert_eq!(
+            c.block_count(),
+            2,
+            "a referenced empty block is kept for refunds"
+        );
+        // Block a expires before the refund: its 5 are lost, b's 3 come back.
+        assert_eq!(c.refund(b"r", 150, &mut Touched::default()), (3, 5));
+        assert_eq!(c.refund(b"r", 160, &mut Touched::default()), (0, 5));
+        assert_eq!(c.refund(b"unknown", 160, &mut Touched::default()), (0, 5));
+    }
+
+    #[test]
+    fn revoke_removes_what_a_block_still_holds() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 5, None, Some("a"), 0), Ok(5));
+        assert_eq!(deduct(&mut c, 2, false, None, 0), (2, 3));
+        assert_eq!(c.revoke(b"a", 0, &mut Touched::default()), 3);
+        assert_eq!(c.revoke(b"a", 0, &mut Touched::default()), 0);
+        assert_eq!(c.balance(0), 0);
+    }
+
+    #[test]
+    fn bad_grants_change_nothing() {
+        let mut c = Credits::new();
+        assert_eq!(
+            grant(&mut c, 0, None, None, 0),
+            Err(CreditsError::ZeroGrant)
+        );
+        assert_eq!(grant(&mut c, u64::MAX, None, None, 0), Ok(u64::MAX));
+        assert_eq!(grant(&mut c, 1, None, None, 0), Err(CreditsError::Overflow));
+        assert_eq!(c.balance(0), u64::MAX);
+        let small = CreditSettings { max_blocks: 1, ..S };
+        let mut c = Credits::new();
+        assert!(c
+            .grant(1, None, None, 0, &small, &mut Touched::default())
+            .is_ok());
+        assert_eq!(
+            c.grant(1, None, None, 0, &small, &mut Touched::default()),
+            Err(CreditsError::TooManyBlocks(1))
+        );
+    }
+
+    #[test]
+    fn the_id_table_is_bounded() {
+        let few = CreditSettings { max_ids: 3, ..S };
+        let mut c = Credits::new();
+        assert!(c
+            .grant(100, None, None, 0, &few, &mut Touched::default())
+            .is_ok());
+        for i in 0..10u64 {
+            c.deduct(
+                1,
+                false,
+                Some(format!("r{i}").as_bytes()),
+                i,
+                &few,
+                &mut Touched::default(),
+            );
+        }
+        assert_eq!(c.id_count(), 3);
+        assert_eq!(c.balance(10), 90);
+    }
+
+    #[test]
+    fn credits_round_trip_and_reject_truncation() {
+        let mut c = Credits::new();
+        assert!(grant(&mut c, 5, Some(100), Some("a"), 0).is_ok());
+        assert!(grant(&mut c, 5, None, None, 0).is_ok());
+        deduct(&mut c, 6, false, Some("r"), 1);
+        let mut w = Writer::new();
+        c.encode(&mut w);
+        let buf = w.into_inner();
+        assert_eq!(Credits::decode(&buf, 1_000).as_ref(), Ok(&c));
+        for cut in 0..buf.len() {
+            assert!(Credits::decode(&buf[..cut], 1_000).is_err());
+        }
+    }
+
+    #[test]
+    fn key_expiry_follows_blocks_and_remembered_ids() {
+        use crate::subject::Expiry;
+        let mut c = Credits::new();
+        assert_eq!(c.expiry(), Expiry::Idle);
+        assert!(grant(&mut c, 5, Some(100), None, 0).is_ok());
+        assert_eq!(c.expiry(), Expiry::At(100));
+        deduct(&mut c, 1, false, Some("r"), 10);
+        assert_eq!(c.expiry(), Expiry::At(1_010));
+        assert!(grant(&mut c, 5, None, None, 20).is_ok());
+        assert_eq!(c.expiry(), Expiry::Never);
+    }
+}
