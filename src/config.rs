@@ -48,3 +48,11 @@ pub fn credit_settings() -> CreditSettings {
         max_blocks: usize::try_from(read(&MAX_BLOCKS_PER_KEY)).unwrap_or(usize::MAX),
     }
 }
+
+pub fn max_waiters_per_key() -> usize {
+    usize::try_from(read(&MAX_WAITERS_PER_KEY)).unwrap_or(usize::MAX)
+}
+
+pub fn max_waiters() -> usize {
+    usize::try_from(read(&MAX_WAITERS)).unwrap_or(usize::MAX)
+}

@@ -21,14 +21,16 @@ pub unsafe extern "C" fn info(
 ) {
     let _ = std::panic::catch_unwind(|| {
         let snapshot = STATE.with(|s| {
+            let waiting = s.waiters.total() as u64;
             (
                 s.stats.clone(),
                 s.plans.len() as u64,
                 s.plans.version(),
                 s.plans.digest(),
+                waiting,
             )
         });
-        let Ok((stats, plans, version, digest)) = snapshot else {
+        let Ok((stats, plans, version, digest, waiting)) = snapshot else {
             return;
         };
         api!(RedisModule_InfoAddSection(ctx, c"stats".as_ptr().cast_mut()) else 0);
@@ -53,13 +55,7 @@ pub unsafe extern "C" fn info(
             "requests_in_flight",
             crate::state::IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed),
         );
-        field(
-            ctx,
-            "waiting_clients",
-            stats
-                .waits_blocked
-                .saturating_sub(stats.waits_admitted + stats.waits_timed_out),
-        );
+        field(ctx, "waiting_clients", waiting);
         field(ctx, "waits_admitted", stats.waits_admitted);
         field(ctx, "waits_timed_out", stats.waits_timed_out);
         api!(RedisModule_InfoAddSection(ctx, c"plans".as_ptr().cast_mut()) else 0);

@@ -21,6 +21,7 @@ mod server;
 mod state;
 mod store;
 mod subject_type;
+mod wait;
 
 use credits_type::CREDITS_TYPE;
 use server::api;

@@ -107,3 +107,31 @@ pub fn reply_limits(ctx: &Ctx, plan: &Plan, outcomes: &[Outcome]) {
         ctx.reply_integer(i64::from(outcome.warn));
     }
 }
+
+/// The reply of a `WAIT` that ran out: the call's standing with `allowed` 0. When the
+/// limits would admit it but waiters ahead kept their turn, `denied_by` is `queue`.
+pub fn reply_timed_out(ctx: &Ctx, decided: &Decided, outcomes: &[Outcome], credits: Option<u64>) {
+    let verdict = &decided.verdict;
+    ctx.reply_map(5 + usize::from(credits.is_some()));
+    ctx.reply_cstr(c"allowed");
+    ctx.reply_integer(0);
+    ctx.reply_cstr(c"retry_after_ms");
+    ctx.reply_integer(if verdict.admitted {
+        0
+    } else {
+        verdict.admission.retry_after_ms()
+    });
+    ctx.reply_cstr(c"denied_by");
+    match denial_name(decided).filter(|_| !verdict.admitted) {
+        Some(name) => ctx.reply_bulk(name.as_bytes()),
+        None => ctx.reply_bulk(b"queue"),
+    }
+    ctx.reply_cstr(c"plan");
+    ctx.reply_bulk(decided.plan.name.as_bytes());
+    if let Some(balance) = credits {
+        ctx.reply_cstr(c"credits");
+        ctx.reply_integer(clamp(balance));
+    }
+    ctx.reply_cstr(c"limits");
+    reply_limits(ctx, &decided.plan, outcomes);
+}

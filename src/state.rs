@@ -45,6 +45,8 @@ pub struct State {
     pub outcomes: Vec<Outcome>,
     /// Reused for every replicated payload.
     pub payload: Vec<u8>,
+    /// Clients blocked in `RL.ACQUIRE ... WAIT`.
+    pub waiters: crate::wait::Waiters,
 }
 
 /// A value only touched from Redis's main thread.
@@ -86,6 +88,7 @@ pub fn init() {
         settings: Settings::default(),
         outcomes: Vec::with_capacity(16),
         payload: Vec::with_capacity(256),
+        waiters: crate::wait::Waiters::default(),
     });
 }
 

@@ -46,6 +46,8 @@ pub struct Change<'a> {
     pub seq: bool,
     /// The assigned plan changed.
     pub assign: bool,
+    /// The keep-alive instant changed.
+    pub keep: bool,
 }
 
 /// A key's expiry, rounded up to the next whole second: the key outlives its state by
@@ -102,6 +104,9 @@ pub fn write_back(
     }
     if change.assign {
         delta.assign(subject.assigned());
+    }
+    if change.keep {
+        delta.keep_until(subject.extra.as_deref().map_or(0, |e| e.keep_until));
     }
     delta.expiry(expiry);
     let bytes = delta.finish();
@@ -173,4 +178,41 @@ pub fn set_key_expiry(key: &Key, expiry: KeyExpiry) {
         KeyExpiry::Persist => key.persist(),
         KeyExpiry::Delete => key.delete(),
     }
+}
+
+/// Keeps subject key `name` alive until at least `until` (clients wait on it; Redis
+/// only serves clients blocked on keys that exist). Creates it empty if missing.
+pub fn keep_alive(
+    ctx: &Ctx,
+    state: &mut crate::state::State,
+    name: RawString,
+    until: u64,
+) -> Result<(), CmdError> {
+    let key = open_subject(ctx, name, true)?;
+    let mut fresh: Option<Box<Subject>> = None;
+    let subject: &mut Subject = match subject_in(&key) {
+        Some(s) => s,
+        None => {
+            let empty = state
+                .interner
+                .intern(tollgate_core::layout::Layout::empty());
+            fresh.insert(Box::new(Subject::new(empty, ctx.now_ms())))
+        }
+    };
+    let extra = subject.extra_mut();
+    if extra.keep_until >= until {
+        return Ok(());
+    }
+    extra.keep_until = until;
+    write_back(
+        ctx,
+        &key,
+        name,
+        fresh,
+        Change {
+            keep: true,
+            ..Change::default()
+        },
+        &mut state.payload,
+    )
 }

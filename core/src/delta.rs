@@ -29,6 +29,7 @@ const OP_SEQ: u8 = 5;
 const OP_ASSIGN: u8 = 6;
 const OP_FULL: u8 = 7;
 const OP_EXPIRE: u8 = 8;
+const OP_KEEP: u8 = 12;
 
 /// What the key's expiry becomes after the ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,13 @@ impl DeltaWriter {
         self
     }
 
+    /// The key must live until at least `until` (clients wait on it).
+    pub fn keep_until(&mut self, until: u64) -> &mut Self {
+        self.w.u8(OP_KEEP);
+        self.w.varint(until);
+        self
+    }
+
     /// The whole state becomes `subject` (AOF rewrite).
     pub fn full(&mut self, subject: &Subject) -> &mut Self {
         self.w.u8(OP_FULL);
@@ -131,6 +139,7 @@ enum Op<'a> {
     Remove(&'a [u8]),
     Seq(u64),
     Assign(Option<&'a str>),
+    Keep(u64),
     Full(Subject),
 }
 
@@ -167,6 +176,7 @@ impl<'a> Delta<'a> {
                 }
                 OP_REMOVE => ops.push(Op::Remove(r.bytes()?)),
                 OP_SEQ => ops.push(Op::Seq(r.varint()?)),
+                OP_KEEP => ops.push(Op::Keep(r.varint()?)),
                 OP_ASSIGN => {
                     let plan = match r.u8()? {
                         0 => None,
@@ -214,6 +224,7 @@ impl<'a> Delta<'a> {
                     }
                 }
                 Op::Seq(seq) => subject.extra_mut().next_seq = seq,
+                Op::Keep(until) => subject.extra_mut().keep_until = until,
                 Op::Assign(plan) => subject.extra_mut().assigned = plan.map(Into::into),
             }
         }

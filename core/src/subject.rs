@@ -43,11 +43,13 @@ pub struct Extra {
     pub requests: Requests,
     /// Sequence for generated request ids.
     pub next_seq: u64,
+    /// The key must not expire before this instant: clients are waiting on it.
+    pub keep_until: u64,
 }
 
 impl Extra {
     fn is_empty(&self) -> bool {
-        self.assigned.is_none() && self.requests.is_empty()
+        self.assigned.is_none() && self.requests.is_empty() && self.keep_until == 0
     }
 }
 
@@ -225,7 +227,12 @@ impl Subject {
         if self.assigned().is_some() {
             return Expiry::Never;
         }
-        let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry);
+        let keep = self
+            .extra
+            .as_deref()
+            .map(|e| e.keep_until)
+            .filter(|&k| k > 0);
+        let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry).max(keep);
         for (i, slot) in self.layout.slots().iter().enumerate() {
             let words = self.slot_words(i);
             let idle = match slot.shape {
@@ -287,6 +294,7 @@ impl Subject {
                     None => w.u8(0),
                 }
                 w.varint(extra.next_seq);
+                w.varint(extra.keep_until);
                 extra.requests.encode(w);
             }
         }
@@ -315,11 +323,13 @@ impl Subject {
                     t => return bad(format!("bad assignment tag {t}")),
                 };
                 let next_seq = r.varint()?;
+                let keep_until = r.varint()?;
                 let requests = Requests::decode(&mut r, max_requests)?;
                 Some(Box::new(Extra {
                     assigned,
                     requests,
                     next_seq,
+                    keep_until,
                 }))
             }
             t => return bad(format!("bad extra tag {t}")),

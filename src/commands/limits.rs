@@ -106,8 +106,11 @@ pub fn peek(ctx: &Ctx, args: Args<'_>) -> CmdResult {
 }
 
 fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -> CmdResult {
-    if parsed.wait_ms.is_some_and(|w| w > 0) {
-        return Err(CmdError::err("WAIT is not available yet"));
+    if let Some(wait_ms) = parsed
+        .wait_ms
+        .filter(|&w| w > 0 && charge && crate::wait::can_block(ctx))
+    {
+        return crate::wait::acquire_or_wait(ctx, state, parsed, wait_ms);
     }
     let attempted = attempt(ctx, state, parsed, charge)?;
     attempted.reply(ctx, &state.outcomes);
@@ -156,6 +159,7 @@ pub fn attempt(
         settings,
         outcomes,
         payload,
+        ..
     } = state;
     *settings = crate::config::settings();
     let key = open_subject(ctx, parsed.key, charge)?;

@@ -15,6 +15,7 @@ use crate::args::{Args, CmdError, CmdResult};
 use crate::server::{api, Ctx, RawString};
 
 pub mod apply;
+pub mod assign;
 pub mod credits;
 pub mod limits;
 pub mod parse;
@@ -82,6 +83,9 @@ entry!(apply_entry => apply::apply);
 entry!(release_entry => requests::release);
 entry!(touch_entry => requests::touch);
 entry!(grant_entry => credits::grant);
+entry!(assign_entry => assign::assign);
+entry!(unassign_entry => assign::unassign);
+entry!(plan_default_entry => plans::default);
 entry!(deduct_entry => credits::deduct);
 entry!(refund_entry => credits::refund);
 entry!(balance_entry => credits::balance);
@@ -196,6 +200,33 @@ pub const COMMANDS: &[Command] = &[
         arity: 1,
         summary: c"List plan names.",
         complexity: c"O(P log P) for the P plans",
+    },
+    Command {
+        name: "rl.assign",
+        entry: assign_entry,
+        flags: "write deny-oom fast",
+        keys: Keys::First,
+        arity: -2,
+        summary: c"Set (or, without a plan, show) the plan a subject's '*' resolves to.",
+        complexity: c"O(1)",
+    },
+    Command {
+        name: "rl.unassign",
+        entry: unassign_entry,
+        flags: "write fast",
+        keys: Keys::First,
+        arity: 2,
+        summary: c"Remove a subject's assigned plan.",
+        complexity: c"O(1)",
+    },
+    Command {
+        name: "rl.plan.default",
+        entry: plan_default_entry,
+        flags: "write deny-oom",
+        keys: Keys::None,
+        arity: -1,
+        summary: c"Set (or show) the default plan '*' resolves to when a subject has none assigned.",
+        complexity: c"O(1)",
     },
     Command {
         name: "rl.credits.grant",

@@ -38,6 +38,17 @@ impl<'a> CostList<'a> {
         }
     }
 
+    /// A cost list from its parts (a waiting call rebuilding its arguments).
+    pub fn from_parts(request: Option<u64>, units: &[(&'a str, u64)]) -> Self {
+        let mut list = CostList::new();
+        list.request = request;
+        for (slot, &pair) in list.units.iter_mut().zip(units) {
+            *slot = pair;
+        }
+        list.len = units.len().min(MAX_COST_UNITS);
+        list
+    }
+
     /// The units other than `request`.
     pub fn units(&self) -> &[(&'a str, u64)] {
         self.units.get(..self.len).unwrap_or(&[])

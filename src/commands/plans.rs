@@ -84,3 +84,30 @@ pub fn list(ctx: &Ctx, args: Args<'_>) -> CmdResult {
         })
         .map_err(internal)
 }
+
+/// `RL.PLAN.DEFAULT [plan]`: sets the default plan `*` falls back to (OK), or shows it.
+pub fn default(ctx: &Ctx, args: Args<'_>) -> CmdResult {
+    match args.len() {
+        1 => STATE
+            .with(|s| match s.plans.default_plan() {
+                Some(plan) => ctx.reply_bulk(plan.as_bytes()),
+                None => ctx.reply_null(),
+            })
+            .map_err(internal),
+        2 => {
+            let plan = args.name(1, "plan")?;
+            STATE
+                .with(|s| {
+                    if s.plans.get(plan).is_none() {
+                        return Err(CmdError::err(format_args!("unknown plan '{plan}'")));
+                    }
+                    s.plans.set_default(Some(plan)).map_err(CmdError::err)
+                })
+                .map_err(internal)??;
+            ctx.replicate_verbatim();
+            ctx.reply_simple(c"OK");
+            Ok(())
+        }
+        _ => Err(CmdError::WrongArity),
+    }
+}

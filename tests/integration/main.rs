@@ -20,3 +20,4 @@ mod plans;
 mod replication;
 mod robustness;
 mod throttle;
+mod waits;

@@ -26,11 +26,22 @@ const COMMANDS: &[&str] = &[
     "RL.ACQUIRE",
     "RL.PEEK",
     "RL.THROTTLE",
+    "RL.RELEASE",
+    "RL.TOUCH",
     "RL.PLAN.SET",
     "RL.PLAN.GET",
     "RL.PLAN.DEL",
     "RL.PLAN.LIST",
+    "RL.PLAN.DEFAULT",
+    "RL.ASSIGN",
+    "RL.UNASSIGN",
     "RL.APPLY",
+    "RL.CREDITS.GRANT",
+    "RL.CREDITS.DEDUCT",
+    "RL.CREDITS.REFUND",
+    "RL.CREDITS.BALANCE",
+    "RL.CREDITS.BLOCKS",
+    "RL.CREDITS.REVOKE",
 ];
 
 const TOKENS: &[&[u8]] = &[
@@ -74,6 +85,15 @@ const TOKENS: &[&[u8]] = &[
     b"bucket 1/1ms burst 18446744073709551615",
     b"concurrency 3 ttl 1s",
     b"cap 5 token",
+    b"PARTIAL",
+    b"MIN",
+    b"EXPIREAT",
+    b"credits:1",
+    b"{user:1}c",
+    b"r-1",
+    b"5000",
+    b"-9223372036854775808",
+    b"\x02\x09\x01\x01",
     b"fixed 18446744073709551615/3650d",
     b"sliding 1/1ms precision 1",
     b"fixed 1 usd/1mo warn 100% for chat",
@@ -119,7 +139,7 @@ fn ten_thousand_random_calls_leave_the_server_alive() {
     for round in 0..10_000 {
         let command = COMMANDS[rng.below(COMMANDS.len())];
         let mut cmd = redis::cmd(command);
-        let len = rng.below(9);
+        let len = rng.below(11);
         let mut shown = vec![command.to_string()];
         for i in 0..len {
             let arg: Vec<u8> = if command == "RL.APPLY" && i == 1 {

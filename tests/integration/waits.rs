@@ -1,0 +1,526 @@
+//! `WAIT` and `PRIORITY`: blocking acquires admitted by releases and refills, in
+//! priority-then-arrival order; fallback plans; assignment and the default plan.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use redis::Value;
+
+fn waiting(con: &mut redis::Connection) -> i64 {
+    let info = string(con, &["INFO", "tollgate"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("tollgate_waiting_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+fn wait_for_waiters(con: &mut redis::Connection, n: i64) {
+    wait_until(10, &format!("{n} waiting clients"), || waiting(con) == n);
+}
+
+fn start() -> Server {
+    // hz 100: WAIT timeouts are checked ten times as often as by default.
+    Server::start_with(&["--hz", "100"])
+}
+
+#[test]
+fn a_waiter_is_admitted_when_a_lease_is_released_and_not_before() {
+    let server = start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "p", "jobs", "concurrency 1 ttl 60s"],
+    );
+    let holder = decision(&mut con, &["RL.ACQUIRE", "k", "p"]);
+    let port = server.port;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let started = Instant::now();
+        let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "10000"]);
+        tx.send((d.allowed(), started.elapsed())).unwrap();
+    });
+    wait_for_waiters(&mut con, 1);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "admitted before the release"
+    );
+    assert_eq!(
+        string(&mut con, &["PING"]),
+        "PONG",
+        "the server answers while a client waits"
+    );
+    run(&mut con, &["RL.RELEASE", "k", &holder.str("id").unwrap()]);
+    let (allowed, _) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("woken by the release");
+    assert!(allowed);
+    assert_eq!(waiting(&mut con), 0);
+}
+
+#[test]
+fn a_waiter_is_admitted_on_refill_and_times_out_denied() {
+    let server = start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "p", "b", "bucket 2/1s burst 1"]);
+    assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
+    let started = Instant::now();
+    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "5000"]);
+    let waited = started.elapsed();
+    assert!(d.allowed());
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    let started = Instant::now();
+    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "200"]);
+    let waited = started.elapsed();
+    assert!(!d.allowed());
+    assert!(
+        waited >= Duration::from_millis(190) && waited < Duration::from_millis(450),
+        "{waited:?}"
+    );
+    assert_eq!(d.str("denied_by").as_deref(), Some("b"));
+    assert!(d.retry_after_ms() > 0);
+}
+
+#[test]
+fn a_call_that_can_never_pass_is_answered_at_once() {
+    let server = start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "p", "rpd", "fixed 5/1d"]);
+    let started = Instant::now();
+    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "6", "WAIT", "5000"]);
+    assert!(!d.allowed());
+    assert_eq!(d.retry_after_ms(), -1);
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[test]
+fn wait_inside_multi_or_a_script_answers_at_once() {
+    let server = start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "p", "jobs", "concurrency 1"]);
+    assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
+    let started = Instant::now();
+    let replies: Vec<Value> = redis::pipe()
+        .atomic()
+        .cmd("RL.ACQUIRE")
+        .arg("k")
+        .arg("p")
+        .arg("WAIT")
+        .arg(5000)
+        .query(&mut con)
+        .unwrap();
+    assert!(!Decision::from(&replies[0]).allowed());
+    let reply = run(
+        &mut con,
+        &[
+            "EVAL",
+            "return redis.call('RL.ACQUIRE', KEYS[1], 'p', 'WAIT', 5000)",
+            "1",
+            "k",
+        ],
+    );
+    assert!(!Decision::from(&reply).allowed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(waiting(&mut con), 0);
+}
+
+/// Starts a waiter thread; returns a receiver of its decision.
+fn spawn_waiter(
+    port: u16,
+    key: &str,
+    plan: &str,
+    priority: i64,
+    wait_ms: u64,
+) -> mpsc::Receiver<Decision> {
+    let (tx, rx) = mpsc::channel();
+    let (key, plan) = (key.to_string(), plan.to_string());
+    std::thread::spawn(move || {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let d = decision(
+            &mut con,
+            &[
+                "RL.ACQUIRE",
+                &key,
+                &plan,
+                "WAIT",
+                &wait_ms.to_string(),
+                "PRIORITY",
+                &priority.to_string(),
+            ],
+        );
+        let _ = tx.send(d);
+    });
+    rx
+}
+
+#[test]
+fn waiters_are_admitted_by_priority_then_arrival() {
+    let server = start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "p", "jobs", "concurrency 1 ttl 60s"],
+    );
+    let mut lease = decision(&mut con, &["RL.ACQUIRE", "k", "p"])
+        .str("id")
+        .unwrap();
+    let mut waiters = Vec::new();
+    for (n, priority) in [2, 1, 0].into_iter().enumerate() {
+        waiters.push((
+            priority,
+            spawn_waiter(server.port, "k", "p", priority, 20_000),
+        ));
+        wait_for_waiters(&mut con, n as i64 + 1);
+    }
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        run(&mut con, &["RL.RELEASE", "k", &lease]);
+        let (priority, d) = loop {
+            if let Some((p, d)) = waiters
+                .iter()
+                .find_map(|(p, rx)| rx.try_recv().ok().map(|d| (*p, d)))
+            {
+                break (p, d);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(d.allowed());
+        order.push(priority);
+        lease = d.str("id").unwrap();
+    }
+    assert_eq!(order, [0, 1, 2]);
+}
+
+#[test]
+fn a_waiter_that_disconnects_leaves_nothing_behind() {
+    let server = start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "p", "jobs", "concurrency 1 ttl 60s"],
+    );
+    let lease = decision(&mut con, &["RL.ACQUIRE", "k", "p"])
+        .str("id")
+        .unwrap();
+    let mut first = server.client();
+    let mut cmd = redis::cmd("RL.ACQUIRE");
+    cmd.arg("k")
+        .arg("p")
+        .arg("WAIT")
+        .arg(20_000)
+        .arg("PRIORITY")
+        .arg(0);
+    let _ = first.send_packed_command(&cmd.get_packed_command());
+    wait_for_waiters(&mut con, 1);
+    let second = spawn_waiter(server.port, "k", "p", 5, 20_000);
+    wait_for_waiters(&mut con, 2);
+    drop(first);
+    wait_for_waiters(&mut con, 1);
+    run(&mut con, &["RL.RELEASE", "k", &lease]);
+    let d = second
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the second waiter moved up");
+    assert!(d.allowed());
+    assert_eq!(waiting(&mut con), 0);
+}
+
+#[test]
+fn fifty_waiters_share_two_slots_in_order() {
+    let server = start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "p", "jobs", "concurrency 2 ttl 60s"],
+    );
+    let leases: Vec<String> = (0..2)
+        .map(|_| {
+            decision(&mut con, &["RL.ACQUIRE", "k", "p"])
+                .str("id")
+                .unwrap()
+        })
+        .collect();
+    let held = std::sync::Arc::new(AtomicUsize::new(0));
+    let peak = std::sync::Arc::new(AtomicUsize::new(0));
+    let sequence = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    for i in 0..50usize {
+        let priority = (i % 3) as i64;
+        let (held, peak, sequence) = (held.clone(), peak.clone(), sequence.clone());
+        let port = server.port;
+        handles.push(std::thread::spawn(move || {
+            let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let d = decision(
+                &mut con,
+                &[
+                    "RL.ACQUIRE",
+                    "k",
+                    "p",
+                    "WAIT",
+                    "60000",
+                    "PRIORITY",
+                    &priority.to_string(),
+                ],
+            );
+            assert!(d.allowed());
+            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            sequence.lock().unwrap().push((priority, i));
+            std::thread::sleep(Duration::from_millis(10));
+            held.fetch_sub(1, Ordering::SeqCst);
+            run(&mut con, &["RL.RELEASE", "k", &d.str("id").unwrap()]);
+        }));
+        wait_for_waiters(&mut con, i as i64 + 1);
+    }
+    for lease in leases {
+        run(&mut con, &["RL.RELEASE", "k", &lease]);
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(peak.load(Ordering::SeqCst) <= 2);
+    let sequence = sequence.lock().unwrap().clone();
+    assert_eq!(sequence.len(), 50);
+    // Two slots: admissions may interleave pairwise, so compare the order of starts
+    // allowing neighbours to swap.
+    let mut expected = sequence.clone();
+    expected.sort();
+    for (pos, got) in sequence.iter().enumerate() {
+        let want = expected.iter().position(|e| e == got).unwrap();
+        assert!(
+            pos.abs_diff(want) <= 1,
+            "waiter {got:?} admitted {pos}th, expected {want}th: {sequence:?}"
+        );
+    }
+}
+
+#[test]
+fn waiters_per_key_are_capped() {
+    let server = start();
+    let mut con = server.client();
+    assert_eq!(
+        string(
+            &mut con,
+            &["CONFIG", "SET", "tollgate.max-waiters-per-key", "1"]
+        ),
+        "OK"
+    );
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "p", "jobs", "concurrency 1 ttl 60s"],
+    );
+    assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
+    let _first = spawn_waiter(server.port, "k", "p", 0, 3_000);
+    wait_for_waiters(&mut con, 1);
+    assert_eq!(
+        err(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "1000"]),
+        "ERR 1 clients already wait on this key (tollgate.max-waiters-per-key)"
+    );
+    assert_eq!(
+        err(&mut con, &["RL.ACQUIRE", "k", "p", "PRIORITY", "1"]),
+        "ERR PRIORITY only applies with WAIT"
+    );
+    assert_eq!(
+        err(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "99999999999"]),
+        "ERR WAIT must be at most 86400000 ms"
+    );
+}
+
+#[test]
+fn a_replica_reaches_the_primary_digest_after_waits() {
+    let primary = start();
+    let replica = start();
+    attach_replica(&primary, &replica);
+    let mut con = primary.client();
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "p",
+            "jobs",
+            "concurrency 1 ttl 60s",
+            "b",
+            "bucket 10/1s",
+        ],
+    );
+    let lease = decision(&mut con, &["RL.ACQUIRE", "k", "p"])
+        .str("id")
+        .unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|i| spawn_waiter(primary.port, "k", "p", i, 10_000))
+        .collect();
+    wait_for_waiters(&mut con, 3);
+    run(&mut con, &["RL.RELEASE", "k", &lease]);
+    for rx in &waiters {
+        let d = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        run(&mut con, &["RL.RELEASE", "k", &d.str("id").unwrap()]);
+    }
+    wait_in_sync(&primary, &replica);
+    assert_eq!(digest(&mut replica.client()), digest(&mut con));
+}
+
+#[test]
+fn fallback_chains_degrade_instead_of_denying() {
+    let server = start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "mini",
+            "rpd",
+            "fixed 100/1d",
+            "daily",
+            "fixed 1000 usd/1d",
+        ],
+    );
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "small",
+            "rpm",
+            "fixed 1/1d",
+            "daily",
+            "fixed 1000 usd/1d",
+            "fallback",
+            "mini",
+        ],
+    );
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "big",
+            "rpm",
+            "fixed 1/1d",
+            "daily",
+            "fixed 1000 usd/1d",
+            "fallback",
+            "small",
+        ],
+    );
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "gpt4",
+            "gpm",
+            "fixed 1/1d",
+            "fallback",
+            "gpt4-mini",
+        ],
+    );
+    int(&mut con, &["RL.PLAN.SET", "gpt4-mini", "gpm", "fixed 1/1d"]);
+    // A chain of one: the second call degrades to the fallback plan.
+    assert_eq!(
+        decision(&mut con, &["RL.ACQUIRE", "u", "gpt4"])
+            .str("plan")
+            .as_deref(),
+        Some("gpt4")
+    );
+    assert_eq!(
+        decision(&mut con, &["RL.ACQUIRE", "v", "gpt4"])
+            .str("plan")
+            .as_deref(),
+        Some("gpt4")
+    );
+    // Same limit name, same counter: gpt4-mini's `gpm` is gpt4's, so no escape here.
+    let d = decision(&mut con, &["RL.ACQUIRE", "u", "gpt4"]);
+    assert!(!d.allowed());
+    // A chain of three: big -> small -> mini; rpm is shared by big and small.
+    let plans: Vec<String> = (0..3)
+        .map(|_| {
+            decision(
+                &mut con,
+                &["RL.ACQUIRE", "w", "big", "1", "COST", "usd", "300"],
+            )
+            .str("plan")
+            .unwrap()
+        })
+        .collect();
+    assert_eq!(plans, ["big", "mini", "mini"]);
+    // The shared daily dollar budget stops every plan of the chain.
+    let d = decision(
+        &mut con,
+        &["RL.ACQUIRE", "w", "big", "1", "COST", "usd", "300"],
+    );
+    assert!(!d.allowed());
+    assert_eq!(d.str("plan").as_deref(), Some("big"));
+    assert!(string(&mut con, &["INFO", "tollgate"]).contains("tollgate_fallback_admitted:2"));
+}
+
+#[test]
+fn assigned_plans_and_the_default_plan() {
+    let server = start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "free", "rpd", "fixed 2/1d"]);
+    int(&mut con, &["RL.PLAN.SET", "pro", "rpd", "fixed 100/1d"]);
+    assert!(err(&mut con, &["RL.ACQUIRE", "alice", "*"]).contains("no default plan"));
+    assert_eq!(string(&mut con, &["RL.PLAN.DEFAULT", "free"]), "OK");
+    assert_eq!(string(&mut con, &["RL.PLAN.DEFAULT"]), "free");
+    assert_eq!(
+        err(&mut con, &["RL.PLAN.DEFAULT", "nosuch"]),
+        "ERR unknown plan 'nosuch'"
+    );
+    assert_eq!(
+        decision(&mut con, &["RL.ACQUIRE", "alice", "*"])
+            .str("plan")
+            .as_deref(),
+        Some("free")
+    );
+    assert_eq!(string(&mut con, &["RL.ASSIGN", "bob", "pro"]), "OK");
+    assert_eq!(string(&mut con, &["RL.ASSIGN", "bob"]), "pro");
+    assert_eq!(run(&mut con, &["RL.ASSIGN", "alice"]), Value::Nil);
+    assert_eq!(
+        err(&mut con, &["RL.ASSIGN", "bob", "nosuch"]),
+        "ERR unknown plan 'nosuch'"
+    );
+    assert_eq!(
+        int(&mut con, &["PTTL", "bob"]),
+        -1,
+        "an assigned subject keeps its key"
+    );
+    assert_eq!(
+        decision(&mut con, &["RL.ACQUIRE", "bob", "*"])
+            .str("plan")
+            .as_deref(),
+        Some("pro")
+    );
+    assert_eq!(string(&mut con, &["DEBUG", "RELOAD"]), "OK");
+    assert_eq!(string(&mut con, &["RL.ASSIGN", "bob"]), "pro");
+    assert_eq!(string(&mut con, &["RL.PLAN.DEFAULT"]), "free");
+    assert_eq!(
+        decision(&mut con, &["RL.PEEK", "bob", "*", "0"]).remaining("rpd"),
+        99
+    );
+    assert_eq!(int(&mut con, &["RL.UNASSIGN", "bob"]), 1);
+    assert_eq!(int(&mut con, &["RL.UNASSIGN", "bob"]), 0);
+    assert!(
+        int(&mut con, &["PTTL", "bob"]) > 0,
+        "unassigned, the key expires with its state"
+    );
+    assert_eq!(
+        decision(&mut con, &["RL.ACQUIRE", "bob", "*"])
+            .str("plan")
+            .as_deref(),
+        Some("free")
+    );
+}
