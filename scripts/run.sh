@@ -35,7 +35,7 @@ if ! redis-cli -p "$port" ping >/dev/null 2>&1; then
     tail -20 "$dir/redis.log" >&2
     exit 1
 fi
-redis-cli -p "$port" < examples/plans.redis >/dev/null
+target/release/tollgate --url "redis://127.0.0.1:$port" plans apply examples/plans.json >/dev/null
 cat <<MSG
 
 Tollgate is running on 127.0.0.1:$port (log: $dir/redis.log; stop it with: make stop).
@@ -47,6 +47,7 @@ Try it:
   redis-cli -p $port RL.PEEK user:42 free 0
   redis-cli -p $port RL.THROTTLE ip:10.0.0.1 15 30 60
   redis-cli -p $port INFO tollgate
+  target/release/tollgate --url redis://127.0.0.1:$port usage user:42 free
 
 The README has a five-minute tour; docs/commands.md has every command.
 MSG

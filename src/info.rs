@@ -22,15 +22,17 @@ pub unsafe extern "C" fn info(
     let _ = std::panic::catch_unwind(|| {
         let snapshot = STATE.with(|s| {
             let waiting = s.waiters.total() as u64;
+            let default = s.plans.default_plan().unwrap_or("").to_string();
             (
                 s.stats.clone(),
                 s.plans.len() as u64,
                 s.plans.version(),
                 s.plans.digest(),
                 waiting,
+                default,
             )
         });
-        let Ok((stats, plans, version, digest, waiting)) = snapshot else {
+        let Ok((stats, plans, version, digest, waiting, default)) = snapshot else {
             return;
         };
         api!(RedisModule_InfoAddSection(ctx, c"stats".as_ptr().cast_mut()) else 0);
@@ -61,6 +63,9 @@ pub unsafe extern "C" fn info(
         api!(RedisModule_InfoAddSection(ctx, c"plans".as_ptr().cast_mut()) else 0);
         field(ctx, "plans", plans);
         field(ctx, "plans_version", version);
+        if let Ok(name) = CString::new(default) {
+            api!(RedisModule_InfoAddFieldCString(ctx, c"plans_default".as_ptr().cast_mut(), name.as_ptr().cast_mut() as *mut c_char) else 0);
+        }
         if let Ok(hex) = CString::new(format!("{digest:016x}")) {
             api!(RedisModule_InfoAddFieldCString(ctx, c"plans_digest".as_ptr().cast_mut(), hex.as_ptr().cast_mut() as *mut c_char) else 0);
         }

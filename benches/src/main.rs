@@ -40,11 +40,15 @@ impl Drop for Server {
 }
 
 fn start_server(module: &str) -> Server {
+    start_node(module, &[])
+}
+
+fn start_node(module: &str, extra: &[&str]) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("no free port: {e}"));
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{port}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let child = Command::new("redis-server")
         .args([
@@ -59,6 +63,7 @@ fn start_server(module: &str) -> Server {
         ])
         .arg("--dir")
         .arg(&dir)
+        .args(extra)
         .args(["--loadmodule", module])
         .stdout(Stdio::null())
         .spawn()
@@ -149,14 +154,24 @@ struct Scenario {
 }
 
 fn main() {
-    let module = std::env::args()
-        .nth(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let cluster_mode = args.first().is_some_and(|a| a == "cluster");
+    if cluster_mode {
+        args.remove(0);
+    }
+    let module = args
+        .first()
+        .cloned()
         .unwrap_or_else(|| "target/release/libtollgate.so".to_string());
     // redis-server changes into --dir before loading modules: pass an absolute path.
     let module = std::fs::canonicalize(&module)
         .unwrap_or_else(|e| panic!("module {module}: {e} (run `make release` first)"))
         .display()
         .to_string();
+    if cluster_mode {
+        cluster_bench(&module);
+        return;
+    }
     let server = start_server(&module);
     let port = server.port;
     let mut con = connect(port).unwrap_or_else(|e| panic!("{e}"));
@@ -403,4 +418,135 @@ fn bytes_per_subject(con: &mut redis::Connection, args: &[&str]) -> f64 {
     }
     let after = used(con);
     (after - before) / SUBJECTS as f64
+}
+
+/// `make bench-cluster`: aggregate RL.ACQUIRE throughput of 1, 2 and 3 primaries under
+/// the same client load, and each node's server-side cost.
+fn cluster_bench(module: &str) {
+    let requests: u64 = std::env::var("TOLLGATE_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600_000);
+    println!("Tollgate cluster bench: RL.ACQUIRE on a 3-limit plan, redis-benchmark --cluster, 50 clients, -P 16, {requests} requests\n");
+    println!(
+        "{:<10} {:>14} {:>40}",
+        "primaries", "total rps", "usec_per_call per node"
+    );
+    for primaries in 1..=3usize {
+        let nodes: Vec<Server> = (0..primaries)
+            .map(|_| {
+                start_node(
+                    module,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                    ],
+                )
+            })
+            .collect();
+        let per = 16384 / primaries;
+        for (i, node) in nodes.iter().enumerate() {
+            let mut con = connect(node.port).unwrap_or_else(|e| panic!("{e}"));
+            let first = i * per;
+            let last = if i + 1 == primaries {
+                16383
+            } else {
+                first + per - 1
+            };
+            cmd(
+                &mut con,
+                &[
+                    "CLUSTER",
+                    "ADDSLOTSRANGE",
+                    &first.to_string(),
+                    &last.to_string(),
+                ],
+            );
+            cmd(
+                &mut con,
+                &[
+                    "RL.PLAN.SET",
+                    "three",
+                    "rpm",
+                    "sliding 100000000/1m",
+                    "rpd",
+                    "fixed 1000000000/1d",
+                    "tpm",
+                    "bucket 1000000000 token/1m",
+                ],
+            );
+        }
+        let mut seed = connect(nodes[0].port).unwrap_or_else(|e| panic!("{e}"));
+        for node in &nodes[1..] {
+            cmd(
+                &mut seed,
+                &["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string()],
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ok = nodes.iter().all(|n| {
+                connect(n.port)
+                    .map(|mut c| {
+                        let info = match cmd(&mut c, &["CLUSTER", "INFO"]) {
+                            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                            redis::Value::VerbatimString { text, .. } => text,
+                            _ => String::new(),
+                        };
+                        info.contains("cluster_state:ok")
+                            && info.contains(&format!("cluster_known_nodes:{primaries}"))
+                    })
+                    .unwrap_or(false)
+            });
+            if ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // redis-benchmark refuses a one-node cluster: drive that node directly.
+        let (mode, key): (&[&str], &str) = if primaries == 1 {
+            (&[], "s:__rand_int__")
+        } else {
+            (&["--cluster"], "s:{tag}:__rand_int__")
+        };
+        let output = Command::new("redis-benchmark")
+            .args(mode)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &nodes[0].port.to_string(),
+                "-c",
+                "50",
+                "-P",
+                "16",
+                "--csv",
+            ])
+            .args(["-r", &SUBJECTS.to_string(), "-n", &requests.to_string()])
+            .args(["RL.ACQUIRE", key, "three", "1", "COST", "token", "100"])
+            .output()
+            .unwrap_or_else(|e| panic!("redis-benchmark: {e}"));
+        let text = String::from_utf8_lossy(&output.stdout);
+        let rps = text
+            .lines()
+            .filter(|l| !l.starts_with("\"test\""))
+            .find_map(|l| {
+                l.split(',')
+                    .nth(1)
+                    .map(|v| v.trim_matches('"').parse::<f64>().unwrap_or(f64::NAN))
+            })
+            .unwrap_or(f64::NAN);
+        let costs: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let mut c = connect(n.port).unwrap_or_else(|e| panic!("{e}"));
+                format!("{:.2}", usec_per_call(&mut c, "rl.acquire"))
+            })
+            .collect();
+        println!("{:<10} {:>14.0} {:>40}", primaries, rps, costs.join(" "));
+    }
+    println!("\nOn this 2-core machine the server processes and redis-benchmark share two cores,");
+    println!("so aggregate throughput cannot scale; per-node cost is what carries over (docs/design.md).");
 }

@@ -456,11 +456,24 @@ impl Plans {
         })
     }
 
-    /// A digest of the plan set (fields and default, not the version): equal on two
-    /// nodes exactly when they hold the same plans. FNV-1a over the canonical encoding.
+    /// A digest of the plan set — plans, their fields (in name order) and the
+    /// default, not the version: equal on two nodes exactly when they hold the same
+    /// plans, whatever order the fields were set in. FNV-1a.
     pub fn digest(&self) -> u64 {
         let mut w = Writer::new();
-        self.encode_content(&mut w);
+        w.str(self.default.as_deref().unwrap_or(""));
+        for name in self.names() {
+            if let Some(plan) = self.plans.get(name) {
+                w.str(name);
+                let mut fields: Vec<&(Box<str>, Box<str>)> = plan.fields.iter().collect();
+                fields.sort();
+                w.varint(fields.len() as u64);
+                for (f, v) in fields {
+                    w.str(f);
+                    w.str(v);
+                }
+            }
+        }
         w.into_inner()
             .iter()
             .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
@@ -656,6 +669,20 @@ mod tests {
         for cut in 0..buf.len() {
             assert!(Plans::decode(&mut Reader::new(&buf[..cut]), &mut interner).is_err());
         }
+    }
+
+    #[test]
+    fn digest_ignores_field_order() {
+        let mut interner = LayoutInterner::new();
+        let mut a = Plans::new();
+        let mut b = Plans::new();
+        assert!(a
+            .set("p", &[("x", "cap 1"), ("y", "cap 2")], &mut interner)
+            .is_ok());
+        assert!(b
+            .set("p", &[("y", "cap 2"), ("x", "cap 1")], &mut interner)
+            .is_ok());
+        assert_eq!(a.digest(), b.digest());
     }
 
     #[test]

@@ -372,3 +372,142 @@ pub fn wait_in_sync(primary: &Server, replica: &Server) {
         primary_offset >= 0 && primary_offset == replica_offset
     });
 }
+
+/// The `tollgate` CLI under test: `$TOLLGATE_CLI`, else the debug build.
+pub fn cli_path() -> PathBuf {
+    let path = std::env::var("TOLLGATE_CLI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/tollgate"));
+    assert!(
+        path.exists(),
+        "CLI {} not found: build it first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// Runs the CLI; returns (exit code, stdout, stderr).
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(cli_path())
+        .args(args)
+        .output()
+        .expect("run the tollgate CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A Redis Cluster of real servers on loopback: `primaries` primaries, each with one
+/// replica, created with `redis-cli --cluster create`.
+pub struct Cluster {
+    pub nodes: Vec<Server>,
+}
+
+impl Cluster {
+    pub fn start(primaries: usize) -> Cluster {
+        let nodes: Vec<Server> = (0..primaries * 2)
+            .map(|_| {
+                Server::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1500",
+                    "--appendonly",
+                    "yes",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create (install redis-tools)");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes };
+        cluster.wait_healthy(primaries);
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is ok and the expected number of
+    /// primaries each have a replica.
+    pub fn wait_healthy(&self, primaries: usize) {
+        wait_until(30, "a healthy cluster", || {
+            self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.try_client()
+                    .ok()
+                    .map(|mut con| {
+                        let info = string(&mut con, &["CLUSTER", "INFO"]);
+                        info.contains("cluster_state:ok")
+                            && info.contains(&format!("cluster_size:{primaries}"))
+                    })
+                    .unwrap_or(false)
+            })
+        });
+    }
+
+    pub fn seed_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+    }
+
+    /// The node serving `key` as primary.
+    pub fn primary_for(&self, key: &str) -> &Server {
+        let mut con = self.nodes[0].client();
+        let slot = int(&mut con, &["CLUSTER", "KEYSLOT", key]);
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find(|n| {
+                let mut c = n.client();
+                let role = run(&mut c, &["ROLE"]);
+                let primary = matches!(&role, Value::Array(items) if text(&items[0]) == "master");
+                primary && {
+                    let shards = string(&mut c, &["CLUSTER", "NODES"]);
+                    shards
+                        .lines()
+                        .filter(|l| l.contains("myself"))
+                        .any(|l| owns_slot(l, slot))
+                }
+            })
+            .expect("a primary owns the slot")
+    }
+
+    pub fn index_of(&self, server: &Server) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.port == server.port)
+            .unwrap()
+    }
+}
+
+/// Whether a `CLUSTER NODES` line lists `slot` among its ranges.
+fn owns_slot(line: &str, slot: i64) -> bool {
+    line.split_whitespace()
+        .skip(8)
+        .any(|range| match range.split_once('-') {
+            Some((a, b)) => {
+                a.parse::<i64>().is_ok_and(|a| a <= slot)
+                    && b.parse::<i64>().is_ok_and(|b| slot <= b)
+            }
+            None => range.parse::<i64>() == Ok(slot),
+        })
+}
+
+impl Server {
+    pub fn is_alive(&self) -> bool {
+        self.child.is_some()
+    }
+}

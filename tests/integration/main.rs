@@ -13,8 +13,11 @@ mod harness;
 
 mod acquire;
 mod budget;
+mod cli;
+mod cluster;
 mod credits;
 mod leases;
+mod operating;
 mod persistence;
 mod plans;
 mod replication;

@@ -1,0 +1,472 @@
+//! `tollgate`: the admin CLI. Applies a plans file to a server or to every primary of
+//! a cluster (then checks every node agrees), shows plans and a subject's usage, and
+//! manages credits.
+//!
+//! Exit codes: 0 success; 1 bad usage; 2 invalid plans file; 3 server or connection
+//! error; 4 nodes disagree after applying.
+
+// A command-line tool: printing is its output.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod apply;
+mod nodes;
+mod plansfile;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use redis::Value;
+
+const USAGE: &str = "\
+tollgate — administer Tollgate rate limits and credits
+
+Usage:
+  tollgate [--url URL] [--cluster] plans apply FILE [--dry-run] [--prune]
+  tollgate [--url URL] [--cluster] plans show
+  tollgate plans check FILE
+  tollgate [--url URL] usage KEY PLAN [--endpoint NAME]
+  tollgate [--url URL] credits grant KEY AMOUNT [--ttl MS | --expire-at UNIX_MS] [--id ID]
+  tollgate [--url URL] credits balance KEY
+  tollgate [--url URL] credits blocks KEY
+
+Options:
+  --url URL     server to talk to (default: $TOLLGATE_URL, else redis://127.0.0.1:6379)
+  --cluster     the server is a cluster node: act on every primary, check every node
+  -h, --help    help (also after a subcommand: tollgate plans apply --help)
+
+Exit codes: 0 ok, 1 usage, 2 invalid plans file, 3 server error, 4 nodes disagree.";
+
+const HELP_APPLY: &str = "\
+tollgate plans apply FILE [--dry-run] [--prune]
+
+Validates the whole plans file first (nothing is applied if any plan is invalid),
+then on the server — or, with --cluster, on every primary — sets the plans the file
+defines, removes fields the file no longer has, and sets the default plan. Prints
+each change. Then waits until every node, replicas included, reports the file's
+plan-set digest (INFO tollgate: plans_digest).
+
+  --dry-run   print the changes without making them
+  --prune     also delete plans the file does not define
+
+File format (JSON):
+  { \"default\": \"free\",
+    \"plans\": { \"free\": { \"rpm\": \"sliding 10/1m\", \"jobs\": \"concurrency 4 ttl 60s\" } } }";
+
+const HELP_SHOW: &str = "\
+tollgate plans show
+
+Prints the server's plans as a plans file (JSON). With --cluster, checks that every
+node reports the same plan-set digest and exits 4 if not.";
+
+const HELP_CHECK: &str = "\
+tollgate plans check FILE
+
+Validates a plans file without connecting anywhere; prints its plan-set digest.";
+
+const HELP_USAGE: &str = "\
+tollgate usage KEY PLAN [--endpoint NAME]
+
+Shows how the subject at KEY stands under PLAN (RL.PEEK KEY PLAN 0), one row per
+limit: limit, used, remaining, and the time until it resets.";
+
+const HELP_CREDITS: &str = "\
+tollgate credits grant KEY AMOUNT [--ttl MS | --expire-at UNIX_MS] [--id ID]
+tollgate credits balance KEY
+tollgate credits blocks KEY
+
+grant adds a block of credits (idempotent with --id); balance prints the live
+balance; blocks lists the live blocks in the order they are consumed.";
+
+/// Why the CLI stopped, with its exit code.
+enum Failure {
+    Usage(String),
+    File(String),
+    Server(String),
+    Disagree(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 1,
+            Failure::File(_) => 2,
+            Failure::Server(_) => 3,
+            Failure::Disagree(_) => 4,
+        }
+    }
+}
+
+/// Parsed global options and the remaining words.
+struct Options {
+    url: String,
+    cluster: bool,
+    help: bool,
+    words: Vec<String>,
+    flags: Vec<(String, Option<String>)>,
+}
+
+/// Flags that take a value.
+const VALUED: [&str; 5] = ["--url", "--endpoint", "--ttl", "--expire-at", "--id"];
+
+fn parse_options(args: Vec<String>) -> Result<Options, Failure> {
+    let mut options = Options {
+        url: std::env::var("TOLLGATE_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        cluster: false,
+        help: false,
+        words: Vec::new(),
+        flags: Vec::new(),
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => options.help = true,
+            "--cluster" => options.cluster = true,
+            "--dry-run" | "--prune" => options.flags.push((arg, None)),
+            flag if VALUED.contains(&flag) => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))?;
+                if flag == "--url" {
+                    options.url = value;
+                } else {
+                    options.flags.push((arg, Some(value)));
+                }
+            }
+            flag if flag.starts_with("--") => {
+                return Err(Failure::Usage(format!("unknown option {flag}")))
+            }
+            _ => options.words.push(arg),
+        }
+    }
+    Ok(options)
+}
+
+impl Options {
+    fn flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|(f, _)| f == name)
+    }
+
+    fn value(&self, name: &str) -> Option<&str> {
+        self.flags
+            .iter()
+            .find(|(f, _)| f == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn allow_flags(&self, allowed: &[&str]) -> Result<(), Failure> {
+        match self
+            .flags
+            .iter()
+            .find(|(f, _)| !allowed.contains(&f.as_str()))
+        {
+            Some((f, _)) => Err(Failure::Usage(format!("{f} does not apply here"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The server, or every node of the cluster (primaries first).
+    fn targets(&self) -> Result<Vec<nodes::Node>, Failure> {
+        if self.cluster {
+            nodes::cluster(&self.url).map_err(Failure::Server)
+        } else {
+            nodes::single(&self.url)
+                .map(|n| vec![n])
+                .map_err(Failure::Usage)
+        }
+    }
+
+    fn connect(&self) -> Result<redis::Connection, Failure> {
+        nodes::single(&self.url)
+            .map_err(Failure::Usage)?
+            .connect()
+            .map_err(Failure::Server)
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse_options(args).and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            match &failure {
+                Failure::Usage(m) => eprintln!("tollgate: {m}\n\n{USAGE}"),
+                Failure::File(m) => eprintln!("tollgate: invalid plans file: {m}"),
+                Failure::Server(m) => eprintln!("tollgate: {m}"),
+                Failure::Disagree(m) => eprintln!("tollgate: nodes disagree: {m}"),
+            }
+            ExitCode::from(failure.code())
+        }
+    }
+}
+
+fn run(options: Options) -> Result<(), Failure> {
+    let words: Vec<&str> = options.words.iter().map(String::as_str).collect();
+    let help = |text: &str| {
+        println!("{text}");
+        Ok(())
+    };
+    match words.as_slice() {
+        [] if options.help => help(USAGE),
+        ["plans", "apply", ..] if options.help => help(HELP_APPLY),
+        ["plans", "show", ..] if options.help => help(HELP_SHOW),
+        ["plans", "check", ..] if options.help => help(HELP_CHECK),
+        ["plans", ..] if options.help => help(USAGE),
+        ["usage", ..] if options.help => help(HELP_USAGE),
+        ["credits", ..] if options.help => help(HELP_CREDITS),
+        _ if options.help => help(USAGE),
+        ["plans", "apply", file] => {
+            options.allow_flags(&["--dry-run", "--prune"])?;
+            plans_apply(&options, file)
+        }
+        ["plans", "show"] => {
+            options.allow_flags(&[])?;
+            plans_show(&options)
+        }
+        ["plans", "check", file] => {
+            options.allow_flags(&[])?;
+            let set = read_plans(file)?;
+            let digest = set.digest().map_err(|e| Failure::File(e.to_string()))?;
+            println!(
+                "{file}: {} plans, valid; plan-set digest {digest:016x}",
+                set.plans.len()
+            );
+            Ok(())
+        }
+        ["usage", key, plan] => {
+            options.allow_flags(&["--endpoint"])?;
+            usage(&options, key, plan)
+        }
+        ["credits", "grant", key, amount] => {
+            options.allow_flags(&["--ttl", "--expire-at", "--id"])?;
+            credits_grant(&options, key, amount)
+        }
+        ["credits", "balance", key] => {
+            options.allow_flags(&[])?;
+            let mut con = options.connect()?;
+            let balance: i64 = query(&mut con, redis::cmd("RL.CREDITS.BALANCE").arg(*key))?;
+            println!("{balance}");
+            Ok(())
+        }
+        ["credits", "blocks", key] => {
+            options.allow_flags(&[])?;
+            credits_blocks(&options, key)
+        }
+        _ => Err(Failure::Usage(format!(
+            "unknown command: {}",
+            words.join(" ")
+        ))),
+    }
+}
+
+fn query<T: redis::FromRedisValue>(
+    con: &mut redis::Connection,
+    cmd: &mut redis::Cmd,
+) -> Result<T, Failure> {
+    cmd.query(con).map_err(|e| Failure::Server(e.to_string()))
+}
+
+fn read_plans(file: &str) -> Result<plansfile::PlanSet, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| Failure::File(format!("{file}: {e}")))?;
+    plansfile::parse(&text).map_err(|e| Failure::File(format!("{file}: {e}")))
+}
+
+fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
+    let wanted = read_plans(file)?;
+    let digest = wanted.digest().map_err(|e| Failure::File(e.to_string()))?;
+    let targets = options.targets()?;
+    let dry_run = options.flag("--dry-run");
+    let mut total = 0;
+    for node in targets.iter().filter(|n| n.primary) {
+        let mut con = node.connect().map_err(Failure::Server)?;
+        let current =
+            apply::fetch(&mut con).map_err(|e| Failure::Server(format!("{}: {e}", node.name)))?;
+        let changes = apply::plan_changes(&current, &wanted, options.flag("--prune"));
+        if changes.is_empty() {
+            println!("{}: up to date", node.name);
+        }
+        for change in &changes {
+            println!("{}: {change}", node.name);
+        }
+        total += changes.len();
+        if !dry_run {
+            apply::apply_changes(&mut con, &changes)
+                .map_err(|e| Failure::Server(format!("{}: {e}", node.name)))?;
+        }
+    }
+    if dry_run {
+        println!("dry run: {total} changes not made");
+        return Ok(());
+    }
+    let disagree = apply::verify(&targets, digest, Duration::from_secs(15));
+    if !disagree.is_empty() {
+        return Err(Failure::Disagree(disagree.join("; ")));
+    }
+    println!(
+        "{total} changes; {} nodes report plan-set digest {digest:016x}",
+        targets.len()
+    );
+    Ok(())
+}
+
+fn plans_show(options: &Options) -> Result<(), Failure> {
+    let targets = options.targets()?;
+    let first = targets
+        .first()
+        .ok_or_else(|| Failure::Server("no node to read from".into()))?;
+    let mut con = first.connect().map_err(Failure::Server)?;
+    let set = apply::fetch(&mut con).map_err(Failure::Server)?;
+    println!("{}", set.to_json());
+    if options.cluster {
+        let digest = set
+            .digest()
+            .map_err(|e| Failure::Server(format!("the server holds an invalid plan set: {e}")))?;
+        let disagree = apply::verify(&targets, digest, Duration::from_secs(0));
+        if !disagree.is_empty() {
+            return Err(Failure::Disagree(disagree.join("; ")));
+        }
+    }
+    Ok(())
+}
+
+fn usage(options: &Options, key: &str, plan: &str) -> Result<(), Failure> {
+    let mut con = options.connect()?;
+    let mut cmd = redis::cmd("RL.PEEK");
+    cmd.arg(key).arg(plan).arg(0);
+    if let Some(endpoint) = options.value("--endpoint") {
+        cmd.arg("ENDPOINT").arg(endpoint);
+    }
+    let reply: Value = query(&mut con, &mut cmd)?;
+    let fields = pairs(&reply);
+    let limits = match fields.iter().find(|(k, _)| k == "limits") {
+        Some((_, Value::Array(items))) => items.clone(),
+        _ => Vec::new(),
+    };
+    println!("{key} under plan {plan}:");
+    println!(
+        "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}",
+        "limit", "unit", "capacity", "used", "remaining", "resets in"
+    );
+    for limit in &limits {
+        let l = pairs(limit);
+        let get = |name: &str| {
+            l.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| nodes::text(v))
+                .unwrap_or_default()
+        };
+        let int = |name: &str| get(name).parse::<i64>().unwrap_or(0);
+        // RL.PEEK answers what an acquire would, and an acquire takes one lease in
+        // each concurrency limit: give that lease back to show the standing now.
+        let remaining = if get("unit") == "lease" {
+            (int("remaining") + 1).min(int("limit"))
+        } else {
+            int("remaining")
+        };
+        let used = (int("limit") - remaining).max(0);
+        let warn = if int("warn") == 1 { " (warn)" } else { "" };
+        println!(
+            "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}{warn}",
+            get("name"),
+            get("unit"),
+            int("limit"),
+            used,
+            remaining,
+            human_ms(if get("unit") == "lease" && used == 0 {
+                0
+            } else {
+                int("reset_ms")
+            })
+        );
+    }
+    Ok(())
+}
+
+/// A reply map (RESP2 flat array or RESP3 map) as pairs.
+fn pairs(v: &Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|kv| Some((nodes::text(kv.first()?), kv.get(1)?.clone())))
+            .collect(),
+        Value::Map(items) => items
+            .iter()
+            .map(|(k, v)| (nodes::text(k), v.clone()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn human_ms(ms: i64) -> String {
+    match ms {
+        ms if ms <= 0 => "-".into(),
+        ms if ms < 1_000 => format!("{ms}ms"),
+        ms if ms < 60_000 => format!("{:.1}s", ms as f64 / 1e3),
+        ms if ms < 3_600_000 => format!("{:.1}m", ms as f64 / 6e4),
+        ms if ms < 86_400_000 => format!("{:.1}h", ms as f64 / 3.6e6),
+        ms => format!("{:.1}d", ms as f64 / 8.64e7),
+    }
+}
+
+fn credits_grant(options: &Options, key: &str, amount: &str) -> Result<(), Failure> {
+    let mut cmd = redis::cmd("RL.CREDITS.GRANT");
+    cmd.arg(key).arg(amount);
+    match (options.value("--ttl"), options.value("--expire-at")) {
+        (Some(_), Some(_)) => {
+            return Err(Failure::Usage("give --ttl or --expire-at, not both".into()))
+        }
+        (Some(ttl), None) => {
+            cmd.arg("TTL").arg(ttl);
+        }
+        (None, Some(at)) => {
+            cmd.arg("EXPIREAT").arg(at);
+        }
+        (None, None) => {}
+    }
+    if let Some(id) = options.value("--id") {
+        cmd.arg("ID").arg(id);
+    }
+    let mut con = options.connect()?;
+    let balance: i64 = query(&mut con, &mut cmd)?;
+    println!("balance {balance}");
+    Ok(())
+}
+
+fn credits_blocks(options: &Options, key: &str) -> Result<(), Failure> {
+    let mut con = options.connect()?;
+    let reply: Value = query(&mut con, redis::cmd("RL.CREDITS.BLOCKS").arg(key))?;
+    let Value::Array(blocks) = reply else {
+        return Err(Failure::Server(
+            "unexpected reply to RL.CREDITS.BLOCKS".into(),
+        ));
+    };
+    println!(
+        "{:<40} {:>14} {:>14} {:>16}",
+        "block", "left", "granted", "expires in"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    for block in &blocks {
+        let b = pairs(block);
+        let get = |name: &str| {
+            b.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| nodes::text(v))
+                .unwrap_or_default()
+        };
+        let at = get("expires_at").parse::<i64>().unwrap_or(-1);
+        let expires = if at < 0 {
+            "never".to_string()
+        } else {
+            human_ms(at - now)
+        };
+        println!(
+            "{:<40} {:>14} {:>14} {:>16}",
+            get("id"),
+            get("left"),
+            get("granted"),
+            expires
+        );
+    }
+    Ok(())
+}

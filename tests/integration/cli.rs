@@ -1,0 +1,185 @@
+//! The `tollgate` admin CLI against a live server.
+
+use crate::harness::*;
+
+const FILE: &str = r#"{
+  "default": "free",
+  "plans": {
+    "free": { "rpm": "sliding 10/1m", "tpd": "fixed 1000 token/1d", "jobs": "concurrency 2 ttl 60s" },
+    "pro": { "rpm": "sliding 60/1m", "tpd": "fixed 100000 token/1d", "fallback": "free" }
+  }
+}"#;
+
+fn write(server: &Server, name: &str, text: &str) -> String {
+    let path = server.dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn url(server: &Server) -> String {
+    format!("redis://127.0.0.1:{}", server.port)
+}
+
+#[test]
+fn apply_show_and_change_plans() {
+    let server = Server::start();
+    let file = write(&server, "plans.json", FILE);
+    let (code, out, err) = cli(&["--url", &url(&server), "plans", "apply", &file]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("+ new plan free"), "{out}");
+    assert!(out.contains("~ default plan: free"), "{out}");
+    assert!(out.contains("1 nodes report plan-set digest"), "{out}");
+    let mut con = server.client();
+    assert_eq!(string(&mut con, &["RL.PLAN.DEFAULT"]), "free");
+    assert_eq!(
+        text(&map_of(&run(&mut con, &["RL.PLAN.GET", "pro"]))["fallback"]),
+        "free"
+    );
+    // Applying again changes nothing.
+    let (code, out, _) = cli(&["--url", &url(&server), "plans", "apply", &file]);
+    assert_eq!(code, 0);
+    assert!(out.contains("up to date"), "{out}");
+    // A changed file: a changed limit, a removed limit, a plan pruned.
+    let changed = FILE
+        .replace("\"rpm\": \"sliding 60/1m\", ", "")
+        .replace("sliding 10/1m", "sliding 20/1m");
+    let changed = changed.replace(
+        ",\n    \"pro\": { \"tpd\": \"fixed 100000 token/1d\", \"fallback\": \"free\" }",
+        "",
+    );
+    let file2 = write(&server, "plans2.json", &changed);
+    let (code, out, err) = cli(&[
+        "--url",
+        &url(&server),
+        "plans",
+        "apply",
+        &file2,
+        "--prune",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dry run"), "{out}");
+    assert_eq!(
+        text(&map_of(&run(&mut con, &["RL.PLAN.GET", "free"]))["rpm"]),
+        "sliding 10/1m",
+        "a dry run changes nothing"
+    );
+    let (code, out, _) = cli(&["--url", &url(&server), "plans", "apply", &file2, "--prune"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("~ set free: rpm=\"sliding 20/1m\""), "{out}");
+    assert!(out.contains("- drop plan pro"), "{out}");
+    assert_eq!(
+        run(&mut con, &["RL.PLAN.LIST"]),
+        redis::Value::Array(vec![redis::Value::BulkString(b"free".to_vec())])
+    );
+    let (code, out, _) = cli(&["--url", &url(&server), "plans", "show"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"rpm\": \"sliding 20/1m\""), "{out}");
+}
+
+#[test]
+fn an_invalid_file_names_the_position_and_applies_nothing() {
+    let server = Server::start();
+    let bad = FILE.replace("fixed 100000 token/1d", "fixed lots token/1d");
+    let file = write(&server, "bad.json", &bad);
+    let (code, _, err) = cli(&["--url", &url(&server), "plans", "apply", &file]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 5 column"), "{err}");
+    assert!(err.contains("plan 'pro' field 'tpd'"), "{err}");
+    assert_eq!(
+        run(&mut server.client(), &["RL.PLAN.LIST"]),
+        redis::Value::Array(vec![]),
+        "nothing applied"
+    );
+    let syntax = write(&server, "syntax.json", "{ \"plans\": { \"a\": ");
+    let (code, _, err) = cli(&["plans", "check", &syntax]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid JSON"), "{err}");
+    let (code, out, _) = cli(&["plans", "check", &write(&server, "ok.json", FILE)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("2 plans, valid"), "{out}");
+}
+
+#[test]
+fn usage_and_credits_commands() {
+    let server = Server::start();
+    let file = write(&server, "plans.json", FILE);
+    assert_eq!(cli(&["--url", &url(&server), "plans", "apply", &file]).0, 0);
+    let mut con = server.client();
+    assert!(decision(
+        &mut con,
+        &["RL.ACQUIRE", "user:1", "free", "3", "COST", "token", "250"]
+    )
+    .allowed());
+    let (code, out, _) = cli(&["--url", &url(&server), "usage", "user:1", "free"]);
+    assert_eq!(code, 0);
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("rpm")[2..5], ["10", "3", "7"], "{out}");
+    assert_eq!(row("tpd")[2..5], ["1000", "250", "750"], "{out}");
+    assert_eq!(row("jobs")[2..5], ["2", "1", "1"], "{out}");
+    let (code, out, _) = cli(&[
+        "--url",
+        &url(&server),
+        "credits",
+        "grant",
+        "acct",
+        "500",
+        "--ttl",
+        "60000",
+        "--id",
+        "pay-1",
+    ]);
+    assert_eq!((code, out.trim()), (0, "balance 500"));
+    let (code, out, _) = cli(&[
+        "--url",
+        &url(&server),
+        "credits",
+        "grant",
+        "acct",
+        "500",
+        "--id",
+        "pay-1",
+    ]);
+    assert_eq!((code, out.trim()), (0, "balance 500"), "idempotent");
+    let (code, out, _) = cli(&["--url", &url(&server), "credits", "balance", "acct"]);
+    assert_eq!((code, out.trim()), (0, "500"));
+    let (code, out, _) = cli(&["--url", &url(&server), "credits", "blocks", "acct"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("pay-1") && out.contains("500"), "{out}");
+}
+
+#[test]
+fn exit_codes_a_script_can_rely_on() {
+    let server = Server::start();
+    let (code, _, err) = cli(&["plans", "frobnicate"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, _) = cli(&["--bogus"]);
+    assert_eq!(code, 1);
+    let (code, out, _) = cli(&["plans", "apply", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--prune"));
+    let (code, out, _) = cli(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Exit codes"));
+    let (code, _, err) = cli(&[
+        "--url",
+        &format!("redis://127.0.0.1:{}", free_port()),
+        "credits",
+        "balance",
+        "x",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = cli(&["--url", &url(&server), "credits", "grant", "acct", "-5"]);
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("amount must be a non-negative integer"),
+        "{err}"
+    );
+}

@@ -1,0 +1,183 @@
+//! Operating the module: ACL confinement of application users, configuration, the
+//! CL.THROTTLE alias, command metadata.
+
+use crate::harness::*;
+use redis::Value;
+
+#[test]
+fn an_application_user_is_confined_to_acquire_release_touch_and_peek() {
+    let server = Server::start();
+    let mut admin = server.client();
+    // The recipe from docs/operating.md.
+    assert_eq!(
+        string(
+            &mut admin,
+            &[
+                "ACL",
+                "SETUSER",
+                "app",
+                "on",
+                ">app-secret",
+                "~*",
+                "resetchannels",
+                "-@all",
+                "+rl.acquire",
+                "+rl.release",
+                "+rl.touch",
+                "+rl.peek",
+            ]
+        ),
+        "OK"
+    );
+    int(&mut admin, &["RL.PLAN.SET", "free", "rpd", "fixed 10/1d"]);
+    let client =
+        redis::Client::open(format!("redis://app:app-secret@127.0.0.1:{}/", server.port)).unwrap();
+    let mut app = client.get_connection().unwrap();
+    let d = decision(&mut app, &["RL.ACQUIRE", "user:1", "free", "ID", "r1"]);
+    assert!(d.allowed());
+    assert!(decision(&mut app, &["RL.PEEK", "user:1", "free"]).allowed());
+    assert_eq!(
+        map_of(&run(&mut app, &["RL.RELEASE", "user:1", "r1"]))["released"],
+        Value::Int(1)
+    );
+    assert_eq!(int(&mut app, &["RL.TOUCH", "user:1", "r1", "1000"]), 0);
+    for args in [
+        vec!["RL.PLAN.SET", "free", "rpd", "fixed 1000000/1d"],
+        vec!["RL.PLAN.DEL", "free"],
+        vec!["RL.PLAN.DEFAULT", "free"],
+        vec!["RL.CREDITS.GRANT", "acct", "1000000"],
+        vec!["RL.ASSIGN", "user:1", "free"],
+        vec!["RL.APPLY", "user:1", "x"],
+        vec!["DEL", "user:1"],
+    ] {
+        let e = err(&mut app, &args);
+        assert!(e.starts_with("NOPERM"), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn configs_are_validated() {
+    let server = Server::start();
+    let mut con = server.client();
+    let all = run(&mut con, &["CONFIG", "GET", "tollgate.*"]);
+    let names: Vec<String> = match &all {
+        Value::Array(items) => items.iter().step_by(2).map(text).collect(),
+        Value::Map(items) => items.iter().map(|(k, _)| text(k)).collect(),
+        other => panic!("{other:?}"),
+    };
+    for name in [
+        "tollgate.default-ttl-ms",
+        "tollgate.max-requests-per-key",
+        "tollgate.idempotency-window-ms",
+        "tollgate.max-ids-per-key",
+        "tollgate.max-blocks-per-key",
+        "tollgate.max-waiters-per-key",
+        "tollgate.max-waiters",
+        "tollgate.cl-throttle-alias",
+    ] {
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} missing from {names:?}"
+        );
+    }
+    assert_eq!(
+        string(
+            &mut con,
+            &["CONFIG", "SET", "tollgate.default-ttl-ms", "5000"]
+        ),
+        "OK"
+    );
+    for (name, value) in [
+        ("tollgate.default-ttl-ms", "0"),
+        ("tollgate.default-ttl-ms", "-1"),
+        ("tollgate.max-requests-per-key", "99999999999"),
+        ("tollgate.max-waiters", "lots"),
+    ] {
+        let e = err(&mut con, &["CONFIG", "SET", name, value]);
+        assert!(e.starts_with("ERR"), "{name}={value}: {e}");
+    }
+    // Immutable after load.
+    assert!(err(
+        &mut con,
+        &["CONFIG", "SET", "tollgate.cl-throttle-alias", "yes"]
+    )
+    .starts_with("ERR"));
+    // A lease takes the configured default TTL.
+    int(&mut con, &["RL.PLAN.SET", "p", "jobs", "concurrency 1"]);
+    assert!(decision(&mut con, &["RL.ACQUIRE", "u", "p"]).allowed());
+    let d = decision(&mut con, &["RL.ACQUIRE", "u", "p"]);
+    assert!(
+        (1..=5_000).contains(&d.retry_after_ms()),
+        "{}",
+        d.retry_after_ms()
+    );
+}
+
+#[test]
+fn module_arguments_set_configs_and_register_the_cl_throttle_alias() {
+    let server = Server::start_with(&["cl-throttle-alias", "yes", "max-waiters", "7"]);
+    let mut con = server.client();
+    assert_eq!(
+        run(&mut con, &["CL.THROTTLE", "user123", "15", "30", "60"]),
+        Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16),
+            Value::Int(15),
+            Value::Int(-1),
+            Value::Int(2)
+        ])
+    );
+    assert_eq!(
+        run(&mut con, &["CONFIG", "GET", "tollgate.max-waiters"]),
+        run(&mut con, &["CONFIG", "GET", "tollgate.max-waiters"])
+    );
+    let got = run(&mut con, &["CONFIG", "GET", "tollgate.max-waiters"]);
+    assert!(format!("{got:?}").contains("\"7\""), "{got:?}");
+    let plain = Server::start();
+    assert!(
+        err(&mut plain.client(), &["CL.THROTTLE", "k", "1", "1", "1"]).contains("unknown command")
+    );
+}
+
+#[test]
+fn commands_carry_flags_key_specs_and_docs() {
+    let server = Server::start();
+    let mut con = server.client();
+    let info = format!(
+        "{:?}",
+        run(
+            &mut con,
+            &["COMMAND", "INFO", "rl.peek", "rl.acquire", "rl.plan.list"]
+        )
+    );
+    assert!(info.contains("readonly"), "{info}");
+    assert!(
+        info.contains("movablekeys"),
+        "rl.acquire declares its CREDITS key: {info}"
+    );
+    let docs = format!("{:?}", run(&mut con, &["COMMAND", "DOCS", "rl.acquire"]));
+    assert!(docs.contains("Admit and charge"), "{docs}");
+    assert_eq!(
+        run(
+            &mut con,
+            &[
+                "COMMAND",
+                "GETKEYS",
+                "RL.ACQUIRE",
+                "a",
+                "p",
+                "1",
+                "COST",
+                "token",
+                "5",
+                "CREDITS",
+                "c",
+                "1"
+            ]
+        ),
+        Value::Array(vec![
+            Value::BulkString(b"a".to_vec()),
+            Value::BulkString(b"c".to_vec())
+        ])
+    );
+}
