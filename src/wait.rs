@@ -142,6 +142,7 @@ pub fn acquire_or_wait(
         let attempted = attempt(ctx, state, parsed, true)?;
         let retry = attempted.decided.verdict.admission;
         if attempted.admitted() || attempted.credits_denied || retry == Admission::Never {
+            attempted.record(ctx, &mut state.stats, parsed.key);
             attempted.reply(ctx, &state.outcomes);
             return Ok(());
         }
@@ -285,6 +286,7 @@ unsafe extern "C" fn on_ready(
                 if attempted.admitted() {
                     state.stats.waits_admitted += 1;
                 }
+                attempted.record(&ctx, &mut state.stats, waiter.key.0);
                 attempted.reply(&ctx, &state.outcomes);
                 state.waiters.remove(&waiter.key_id, waiter.place);
                 // The next in line may fit too.
@@ -320,7 +322,12 @@ unsafe extern "C" fn on_timeout(
             state.waiters.remove(&waiter.key_id, waiter.place);
             state.stats.waits_timed_out += 1;
             match attempt(&ctx, state, &waiter.view(), false) {
-                Ok(attempted) => reply_timed_out(&ctx, &attempted, &state.outcomes),
+                Ok(mut attempted) => {
+                    // It ends denied, whatever the limits would say now.
+                    attempted.decided.verdict.admitted = false;
+                    attempted.record(&ctx, &mut state.stats, waiter.key.0);
+                    reply_timed_out(&ctx, &attempted, &state.outcomes);
+                }
                 Err(e) => reply_error(&ctx, &e),
             }
             wake_at(&ctx, &waiter.key_id, 0);

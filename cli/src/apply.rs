@@ -81,10 +81,11 @@ pub fn plan_changes(current: &PlanSet, wanted: &PlanSet, prune: bool) -> Vec<Cha
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let new = !current.plans.contains_key(name);
-        let changed: Vec<(String, String)> = want
+        // In file order: the order fields are first set is the order limits report in.
+        let changed: Vec<(String, String)> = fields
             .iter()
-            .filter(|(k, v)| have.get(*k) != Some(*v))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .filter(|(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+            .cloned()
             .collect();
         let (fallback, others): (Vec<_>, Vec<_>) =
             changed.into_iter().partition(|(k, _)| is_fallback(k));

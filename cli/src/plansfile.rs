@@ -278,12 +278,12 @@ mod tests {
     fn parses_a_good_file() {
         let set = parse(GOOD).unwrap();
         assert_eq!(set.default.as_deref(), Some("free"));
-        // Fields come back in name order (JSON objects are unordered).
+        // Fields keep the file's order (the order limits are reported in).
         assert_eq!(
             set.plans["free"],
             [
-                ("fallback".to_string(), "mini".to_string()),
-                ("rpm".into(), "sliding 10/1m".into())
+                ("rpm".to_string(), "sliding 10/1m".to_string()),
+                ("fallback".into(), "mini".into())
             ]
         );
         assert!(set.digest().is_ok());

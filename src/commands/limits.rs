@@ -113,6 +113,9 @@ fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -
         return crate::wait::acquire_or_wait(ctx, state, parsed, wait_ms);
     }
     let attempted = attempt(ctx, state, parsed, charge)?;
+    if charge {
+        attempted.record(ctx, &mut state.stats, parsed.key);
+    }
     attempted.reply(ctx, &state.outcomes);
     Ok(())
 }
@@ -126,11 +129,42 @@ pub struct Attempted {
     pub credits: Option<u64>,
     /// The limits admitted the call but the credits key could not pay for it.
     pub credits_denied: bool,
+    /// A fallback plan admitted the call.
+    pub by_fallback: bool,
+    /// The call took a limit past its warn threshold.
+    pub warn_crossed: bool,
 }
 
 impl Attempted {
     pub fn admitted(&self) -> bool {
         self.decided.verdict.admitted && !self.credits_denied
+    }
+
+    /// Counts the final outcome of a call in `INFO` and raises its notifications
+    /// (operators who enable module keyspace events see `rl.denied`, shadow denials
+    /// included, and `rl.warn` on first crossings of warn thresholds).
+    pub fn record(&self, ctx: &Ctx, stats: &mut Stats, key: RawString) {
+        stats.calls += 1;
+        let verdict = &self.decided.verdict;
+        if self.admitted() {
+            stats.admitted += 1;
+            stats.shadow_denied += u64::from(!verdict.admission.is_now());
+            stats.fallback_admitted += u64::from(self.by_fallback);
+        } else {
+            stats.denied += 1;
+            if self.credits_denied {
+                stats.denied_credits += 1;
+            } else {
+                count_denial(stats, &self.decided);
+            }
+        }
+        if !verdict.admission.is_now() || self.credits_denied {
+            ctx.notify(c"rl.denied", key);
+        }
+        if self.warn_crossed {
+            stats.warn_crossed += 1;
+            ctx.notify(c"rl.warn", key);
+        }
     }
 
     pub fn reply(&self, ctx: &Ctx, outcomes: &[tollgate_core::decide::Outcome]) {
@@ -155,7 +189,6 @@ pub fn attempt(
     let State {
         plans,
         interner,
-        stats,
         settings,
         outcomes,
         payload,
@@ -186,6 +219,8 @@ pub fn attempt(
         id: None,
         credits: None,
         credits_denied: false,
+        by_fallback: false,
+        warn_crossed: false,
     };
     if let Some((ckey, _, amount)) = &credits_key {
         let balance = credits_in(ckey).map_or(0, |c| c.balance(c.effective_now(clock)));
@@ -208,16 +243,9 @@ pub fn attempt(
     if attempted.admitted() && verdict.takes_request {
         check_room_for_request(subject.as_deref(), call.id, verdict.now)?;
     }
-    stats.calls += 1;
     let decided = &attempted.decided;
+    attempted.by_fallback = !Arc::ptr_eq(&decided.plan, &requested);
     if attempted.admitted() {
-        stats.admitted += 1;
-        if !verdict.admission.is_now() {
-            stats.shadow_denied += 1;
-        }
-        if !Arc::ptr_eq(&decided.plan, &requested) {
-            stats.fallback_admitted += 1;
-        }
         let had_requests = subject.as_deref().is_some_and(|s| s.requests().is_some());
         let before = requests_len(subject.as_deref());
         let mut fresh: Option<Box<Subject>> = None;
@@ -243,22 +271,7 @@ pub fn attempt(
             )?);
         }
         attempted.id = id;
-    } else {
-        stats.denied += 1;
-        if attempted.credits_denied {
-            stats.denied_credits += 1;
-        } else {
-            count_denial(stats, decided);
-        }
-    }
-    // Operators who enable module keyspace events (notify-keyspace-events with `d`)
-    // see denials, shadow denials included, and first crossings of warn thresholds.
-    if !verdict.admission.is_now() || attempted.credits_denied {
-        ctx.notify(c"rl.denied", parsed.key);
-    }
-    if attempted.admitted() && outcomes.iter().any(|o| o.warn_crossed) {
-        stats.warn_crossed += 1;
-        ctx.notify(c"rl.warn", parsed.key);
+        attempted.warn_crossed = outcomes.iter().any(|o| o.warn_crossed);
     }
     Ok(attempted)
 }
