@@ -80,6 +80,8 @@ pub fn write_back(
     let Some(subject) = subject_in(key) else {
         return Ok(());
     };
+    // A replica tidies after applying the delta: the primary must hold the same.
+    subject.tidy();
     let expiry = match subject.expiry() {
         Expiry::Idle => KeyExpiry::Delete,
         Expiry::At(at) => KeyExpiry::At(expiry_second(at)),

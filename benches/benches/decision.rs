@@ -63,7 +63,8 @@ fn acquire(c: &mut Criterion) {
                     now += 1;
                     let verdict = evaluate(&plan, Some(&subject), &call, now, &settings, &mut out);
                     if verdict.admitted {
-                        commit(&plan, &mut subject, &call, &verdict, &mut interner);
+                        let _ =
+                            black_box(commit(&plan, &mut subject, &call, &verdict, &mut interner));
                     }
                     black_box(verdict)
                 })
@@ -90,7 +91,7 @@ fn acquire(c: &mut Criterion) {
             now += 1;
             let verdict = evaluate(&plan, Some(&subject), &call, now, &settings, &mut out);
             let id = commit(&plan, &mut subject, &call, &verdict, &mut interner);
-            if let Some(id) = id {
+            if let Ok(Some(id)) = id {
                 black_box(tollgate_core::decide::release(
                     &mut subject,
                     &id,

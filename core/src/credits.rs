@@ -427,6 +427,15 @@ impl Credits {
         (want, balance)
     }
 
+    /// Whether a deduction with `id` is still remembered (a repeat would charge
+    /// nothing and return the first result).
+    pub fn remembers_deduction(&self, id: &[u8], clock_ms: u64) -> bool {
+        let now = self.effective_now(clock_ms);
+        self.ids
+            .get(&id_key(DEDUCT_ID, id))
+            .is_some_and(|r| r.forget_at > now)
+    }
+
     /// Whether deducting `amount` now would succeed in full.
     pub fn covers(&self, amount: u64, clock_ms: u64) -> bool {
         self.balance(self.effective_now(clock_ms)) >= amount
@@ -775,6 +784,9 @@ mod tests {
         assert_eq!(deduct(&mut c, 3, false, Some("req-1"), 10), (3, 7));
         assert_eq!(deduct(&mut c, 3, false, Some("req-1"), 20), (3, 7));
         assert_eq!(c.balance(20), 7, "a retried deduction changes nothing");
+        assert!(c.remembers_deduction(b"req-1", 20));
+        assert!(!c.remembers_deduction(b"pay-1", 20), "grant ids are apart");
+        assert!(!c.remembers_deduction(b"req-1", 1_010));
         // Past the window the deduction id is forgotten: it charges again.
         assert_eq!(deduct(&mut c, 3, false, Some("req-1"), 1_010), (3, 4));
         // The grant's block still holds its id, so the grant does not repeat.

@@ -131,21 +131,24 @@ enum View<'s> {
     },
 }
 
-/// The words of `limit`'s slot in `subject`, if it holds that counter (same name,
+/// The index of `limit`'s slot in `subject`, if it holds that counter (same name,
 /// unit and shape); `None` means the counter starts fresh.
 fn slot_of(plan: &Plan, limit: &Limit, subject: &Subject) -> Option<usize> {
     let index = limit.slot?;
     if Arc::ptr_eq(&subject.layout, &plan.layout) {
         return Some(index);
     }
-    let want = plan.layout.slots().get(index)?;
-    subject
-        .layout
-        .position(&want.name)
-        .filter(|&i| subject.layout.slots().get(i) == Some(want))
+    subject.layout.find(plan.layout.slots().get(index)?)
 }
 
-fn view<'s>(plan: &Plan, limit: &Limit, subject: Option<&'s Subject>, now: u64) -> View<'s> {
+/// `replacing` is the live request the call's `ID` would replace (its lease frees).
+fn view<'s>(
+    plan: &Plan,
+    limit: &Limit,
+    subject: Option<&'s Subject>,
+    now: u64,
+    replacing: Option<&Request>,
+) -> View<'s> {
     let slot = subject.and_then(|s| slot_of(plan, limit, s).map(|i| (s, i)));
     let (words, updated) = slot.map_or((&[][..], now), |(s, i)| (s.slot_words(i), s.updated_ms));
     match limit.spec.rule {
@@ -196,8 +199,10 @@ fn view<'s>(plan: &Plan, limit: &Limit, subject: Option<&'s Subject>, now: u64) 
                         .count()
                 })
             });
+            let replaced =
+                replacing.is_some_and(|r| r.leases.iter().any(|l| **l == *limit.name)) as u64;
             View::Concurrency {
-                live: counted.saturating_sub(expired as u64),
+                live: counted.saturating_sub(expired as u64 + replaced),
                 max,
             }
         }
@@ -387,12 +392,16 @@ pub fn evaluate(
     let ttl_ms = request_ttl(plan, call, settings);
     let lease_until = now.saturating_add(ttl_ms);
     let mut takes_request = call.id.is_some();
+    let replacing = call
+        .id
+        .and_then(|id| subject?.requests()?.get(id))
+        .filter(|r| r.expires_at > now);
     // One pass computes each limit's view, admission and standing as if the call is
     // admitted (the common case); a denied call recomputes its standings uncharged.
     out.clear();
     for (index, limit) in applicable() {
         let cost = cost_for(limit, call);
-        let v = view(plan, limit, subject, now);
+        let v = view(plan, limit, subject, now, replacing);
         let this = admission(&v, cost, now, limit, subject);
         let worse = match (this, result) {
             (Admission::Now, _) | (_, Admission::Never) => false,
@@ -437,7 +446,7 @@ pub fn standing(
         .enumerate()
         .filter(|(_, l)| l.applies_to(call.endpoint))
     {
-        let v = view(plan, limit, subject, now);
+        let v = view(plan, limit, subject, now, None);
         out.push(outcome(index, limit, &v, 0, now, now, subject));
     }
 }
@@ -448,26 +457,52 @@ pub fn report(plan: &Plan, subject: Option<&Subject>, clock_ms: u64, out: &mut V
     let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
     out.clear();
     for (index, limit) in plan.limits.iter().enumerate() {
-        let v = view(plan, limit, subject, now);
+        let v = view(plan, limit, subject, now, None);
         out.push(outcome(index, limit, &v, 0, now, now, subject));
     }
+}
+
+/// Why an admitted call could not be charged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// Re-laying the subject out for the plan would take more than
+    /// [`crate::layout::MAX_SLOTS`] counters (too many differently-shaped limits
+    /// with usage in flight on one subject).
+    TooManySlots,
 }
 
 /// Charges an admitted call: brings the subject to `verdict.now`, re-lays it out for
 /// `plan` if needed, charges every applicable limit and registers the request.
 /// Returns the request id when one was registered (generated if the call named none).
+/// A request that reuses a live id replaces it: the old one's leases are freed first.
+/// On error nothing is changed.
 pub fn commit(
     plan: &Plan,
     subject: &mut Subject,
     call: &Call<'_>,
     verdict: &Verdict,
     interner: &mut LayoutInterner,
-) -> Option<Box<[u8]>> {
+) -> Result<Option<Box<[u8]>>, CommitError> {
     let now = verdict.now;
-    subject.purge_expired(now);
-    subject.normalize(now);
-    if !subject.holds_all_of(plan) {
-        subject.relayout_for(plan, interner);
+    if subject.holds_all_of(plan) {
+        subject.purge_expired(now);
+        subject.normalize(now);
+    } else {
+        // Rare (the plan changed): work on a copy so that a refusal changes nothing.
+        let mut relaid = subject.clone();
+        relaid.purge_expired(now);
+        relaid.normalize(now);
+        if !relaid.relayout_for(plan, interner) {
+            return Err(CommitError::TooManySlots);
+        }
+        *subject = relaid;
+    }
+    if let Some(old) = call
+        .id
+        .filter(|_| verdict.takes_request)
+        .and_then(|id| subject.extra.as_deref_mut()?.requests.remove(id))
+    {
+        subject.free_leases(&old);
     }
     let mut leases = Vec::new();
     let mut charges = Vec::new();
@@ -476,11 +511,7 @@ pub fn commit(
             continue;
         };
         let cost = cost_for(limit, call);
-        let slot_name = subject
-            .layout
-            .slots()
-            .get(slot)
-            .map(|s| Arc::clone(&s.name));
+        let slot_meta = subject.layout.slots().get(slot).cloned();
         let words = subject.slot_words_mut(slot);
         let marker = match limit.spec.rule {
             Rule::Fixed { window, .. } => {
@@ -514,12 +545,12 @@ pub fn commit(
             }
             Rule::Concurrency { .. } => {
                 fixed::charge(words, 1);
-                leases.extend(slot_name);
+                leases.extend(slot_meta.map(|s| s.name));
                 continue;
             }
             Rule::Cap { .. } => continue,
         };
-        if let Some(slot) = slot_name.filter(|_| verdict.takes_request) {
+        if let Some(slot) = slot_meta.filter(|_| verdict.takes_request) {
             charges.push(Charge {
                 slot,
                 amount: cost,
@@ -528,17 +559,19 @@ pub fn commit(
         }
     }
     if !verdict.takes_request {
-        return None;
+        return Ok(None);
     }
     let extra = subject.extra_mut();
     let id: Box<[u8]> = match call.id {
         Some(id) => id.into(),
-        None => {
+        None => loop {
+            // A caller may have picked an id of this form: never reuse a live one.
             extra.next_seq = extra.next_seq.wrapping_add(1);
-            format!("{now}-{}", extra.next_seq)
-                .into_bytes()
-                .into_boxed_slice()
-        }
+            let id = format!("{now}-{}", extra.next_seq).into_bytes();
+            if extra.requests.get(&id).is_none() {
+                break id.into_boxed_slice();
+            }
+        },
     };
     let request = Request {
         expires_at: now.saturating_add(verdict.ttl_ms),
@@ -547,7 +580,7 @@ pub fn commit(
         charges,
     };
     extra.requests.insert(&id, request);
-    Some(id)
+    Ok(Some(id))
 }
 
 /// Longest fallback chain followed (plans refuse cycles; this bounds the walk anyway).
@@ -629,13 +662,11 @@ pub fn release(
     subject.free_leases(&request);
     subject.normalize(now);
     for charge in &request.charges {
-        let Some(slot) = subject.layout.position(&charge.slot) else {
+        let Some(slot) = subject.layout.find(&charge.slot) else {
             continue;
         };
-        let Some(meta) = subject.layout.slots().get(slot).cloned() else {
-            continue;
-        };
-        let Some(&(_, actual_amount)) = actual.iter().find(|(u, _)| *u == &*meta.unit) else {
+        let Some(&(_, actual_amount)) = actual.iter().find(|(u, _)| *u == &*charge.slot.unit)
+        else {
             continue;
         };
         let (refund, overrun) = if actual_amount >= charge.amount {
@@ -644,7 +675,7 @@ pub fn release(
             (charge.amount - actual_amount, 0)
         };
         let words = subject.slot_words_mut(slot);
-        match meta.shape {
+        match charge.slot.shape {
             crate::layout::Shape::Fixed { window } => {
                 if window.index(now) == charge.marker {
                     fixed::refund(words, refund);

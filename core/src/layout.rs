@@ -38,7 +38,7 @@ impl Shape {
         }
     }
 
-    fn encode(&self, w: &mut Writer) {
+    pub fn encode(&self, w: &mut Writer) {
         match *self {
             Shape::Fixed { window } => match window.span() {
                 Span::Millis(ms) => {
@@ -66,7 +66,7 @@ impl Shape {
         }
     }
 
-    fn decode(r: &mut Reader<'_>) -> Result<Shape, DecodeError> {
+    pub fn decode(r: &mut Reader<'_>) -> Result<Shape, DecodeError> {
         let window_ms = |r: &mut Reader<'_>| match r.varint()? {
             ms @ 1..=MAX_WINDOW_MS => Ok(ms),
             ms => bad(format!("window of {ms}ms out of range")),
@@ -102,13 +102,36 @@ impl Shape {
     }
 }
 
-/// One counter of a subject: a limit name, the unit it counts and its shape.
+/// One counter of a subject: a limit name, the unit it counts and its shape. All
+/// three together identify it: a subject may hold two slots of one name (plans that
+/// count it differently), and usage carries over only to an identical slot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Slot {
     /// Shared with reservations that charged this slot (cloning is a refcount bump).
     pub name: Arc<str>,
-    pub unit: Box<str>,
+    pub unit: Arc<str>,
     pub shape: Shape,
+}
+
+impl Slot {
+    pub fn encode(&self, w: &mut Writer) {
+        w.str(&self.name);
+        w.str(&self.unit);
+        self.shape.encode(w);
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Slot, DecodeError> {
+        let name = r.str()?;
+        let unit = r.str()?;
+        if !is_valid_name(name) || !is_valid_name(unit) {
+            return bad("invalid slot name or unit");
+        }
+        Ok(Slot {
+            name: Arc::from(name),
+            unit: Arc::from(unit),
+            shape: Shape::decode(r)?,
+        })
+    }
 }
 
 /// The slots of a subject, in order, with the word offset of each.
@@ -147,9 +170,7 @@ impl Layout {
         let mut w = Writer::new();
         w.varint(slots.len() as u64);
         for slot in &slots {
-            w.str(&slot.name);
-            w.str(&slot.unit);
-            slot.shape.encode(&mut w);
+            slot.encode(&mut w);
         }
         Layout {
             slots: slots.into_boxed_slice(),
@@ -188,9 +209,17 @@ impl Layout {
         }
     }
 
-    /// The index of the slot named `name`, if any.
-    pub fn position(&self, name: &str) -> Option<usize> {
-        self.slots.iter().position(|s| &*s.name == name)
+    /// The index of the slot identical to `slot` (name, unit and shape), if any.
+    pub fn find(&self, slot: &Slot) -> Option<usize> {
+        self.slots.iter().position(|s| s == slot)
+    }
+
+    /// The index of the concurrency slot named `name`: where a lease of that name is
+    /// counted (a layout holds at most one).
+    pub fn lease_slot(&self, name: &str) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.shape == Shape::Concurrency && &*s.name == name)
     }
 
     pub fn encode(&self, w: &mut Writer) {
@@ -201,20 +230,17 @@ impl Layout {
         let n = r.count(MAX_SLOTS)?;
         let mut slots: Vec<Slot> = Vec::with_capacity(n);
         for _ in 0..n {
-            let name = r.str()?;
-            let unit = r.str()?;
-            if !is_valid_name(name) || !is_valid_name(unit) {
-                return bad("invalid slot name or unit");
-            }
-            if slots.iter().any(|s| &*s.name == name) {
-                return bad(format!("slot '{name}' appears twice"));
-            }
-            let shape = Shape::decode(r)?;
-            slots.push(Slot {
-                name: Arc::from(name),
-                unit: unit.into(),
-                shape,
+            let slot = Slot::decode(r)?;
+            let twice = slots.iter().any(|s| {
+                *s == slot
+                    || (s.shape == Shape::Concurrency
+                        && slot.shape == Shape::Concurrency
+                        && s.name == slot.name)
             });
+            if twice {
+                return bad(format!("slot '{}' appears twice", slot.name));
+            }
+            slots.push(slot);
         }
         Ok(Layout::new(slots))
     }
@@ -265,7 +291,7 @@ mod tests {
     fn slot(name: &str, shape: Shape) -> Slot {
         Slot {
             name: Arc::from(name),
-            unit: "request".into(),
+            unit: Arc::from("request"),
             shape,
         }
     }
@@ -293,7 +319,15 @@ mod tests {
         assert_eq!(layout.range(2), 12..16);
         assert_eq!(layout.words(), 16);
         assert_eq!(layout.range(3), 0..0);
-        assert_eq!(layout.position("c"), Some(2));
+        assert_eq!(
+            layout.find(&slot("c", Shape::Bucket { window_ms: 1000 })),
+            Some(2)
+        );
+        assert_eq!(
+            layout.find(&slot("c", Shape::Bucket { window_ms: 2000 })),
+            None
+        );
+        assert_eq!(layout.lease_slot("c"), None);
     }
 
     #[test]
@@ -350,5 +384,38 @@ mod tests {
         for cut in 0..buf.len() {
             assert!(Layout::decode(&mut Reader::new(&buf[..cut])).is_err());
         }
+    }
+
+    #[test]
+    fn one_name_may_hold_two_shapes_but_not_two_lease_counts() {
+        let round_trip = |slots: Vec<Slot>| {
+            let mut w = Writer::new();
+            Layout::new(slots).encode(&mut w);
+            Layout::decode(&mut Reader::new(&w.into_inner()))
+        };
+        let fixed = slot(
+            "rpm",
+            Shape::Fixed {
+                window: FixedWindow::new(Span::Millis(60_000)),
+            },
+        );
+        let sliding = slot(
+            "rpm",
+            Shape::Sliding {
+                window_ms: 60_000,
+                precision: 6,
+            },
+        );
+        let layout = round_trip(vec![fixed.clone(), sliding.clone()]);
+        assert!(layout.is_ok());
+        let layout = layout.unwrap_or_else(|_| Layout::empty());
+        assert_eq!(layout.find(&sliding), Some(1));
+        assert!(round_trip(vec![fixed.clone(), fixed]).is_err());
+        let lease = slot("c", Shape::Concurrency);
+        let other_unit = Slot {
+            unit: Arc::from("job"),
+            ..lease.clone()
+        };
+        assert!(round_trip(vec![lease, other_unit]).is_err());
     }
 }

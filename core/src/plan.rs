@@ -188,7 +188,7 @@ impl Plan {
                     limit.slot = Some(slots.len());
                     slots.push(Slot {
                         name: Arc::from(&**field),
-                        unit: limit.spec.unit.clone(),
+                        unit: Arc::from(&*limit.spec.unit),
                         shape,
                     });
                 }

@@ -19,8 +19,9 @@ pub const MAX_ID_LEN: usize = 256;
 /// reach the same window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
-    /// The slot (limit name) charged.
-    pub slot: Arc<str>,
+    /// The slot charged (the subject's layout may have changed since: settling
+    /// reaches it only if the subject still holds an identical slot).
+    pub slot: crate::layout::Slot,
     pub amount: u64,
     /// Which window took the charge: the fixed window index, the sliding slice, or for
     /// a bucket the instant by which this charge would have drained.
@@ -165,7 +166,7 @@ pub fn encode_request(w: &mut Writer, id: &[u8], request: &Request) {
     }
     w.varint(request.charges.len() as u64);
     for charge in &request.charges {
-        w.str(&charge.slot);
+        charge.slot.encode(w);
         w.varint(charge.amount);
         w.varint(charge.marker);
     }
@@ -197,7 +198,7 @@ pub fn decode_request<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], Request), Dec
     let ncharges = r.count(crate::layout::MAX_SLOTS)?;
     let mut charges = Vec::with_capacity(ncharges);
     for _ in 0..ncharges {
-        let slot = name(r)?;
+        let slot = crate::layout::Slot::decode(r)?;
         charges.push(Charge {
             slot,
             amount: r.varint()?,
@@ -225,7 +226,13 @@ mod tests {
             plan: Arc::from("p"),
             leases: lease.map(Arc::from).into_iter().collect(),
             charges: vec![Charge {
-                slot: Arc::from("rpm"),
+                slot: crate::layout::Slot {
+                    name: Arc::from("rpm"),
+                    unit: Arc::from("request"),
+                    shape: crate::layout::Shape::Fixed {
+                        window: crate::time::FixedWindow::new(crate::time::Span::Millis(60_000)),
+                    },
+                },
                 amount: 3,
                 marker: 9,
             }],

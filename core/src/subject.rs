@@ -156,7 +156,7 @@ impl Subject {
     /// Takes one off each concurrency count the request held a lease in.
     pub fn free_leases(&mut self, request: &Request) {
         for lease in &request.leases {
-            if let Some(i) = self.layout.position(lease) {
+            if let Some(i) = self.layout.lease_slot(lease) {
                 if let Some(count) = self.slot_words_mut(i).first_mut() {
                     *count = count.saturating_sub(1);
                 }
@@ -167,59 +167,42 @@ impl Subject {
     /// Whether every slot of `plan` is present here with the same unit and shape.
     pub fn holds_all_of(&self, plan: &Plan) -> bool {
         Arc::ptr_eq(&self.layout, &plan.layout)
-            || plan.layout.slots().iter().all(|want| {
-                self.layout
-                    .position(&want.name)
-                    .and_then(|i| self.layout.slots().get(i))
-                    == Some(want)
-            })
+            || plan
+                .layout
+                .slots()
+                .iter()
+                .all(|want| self.layout.find(want).is_some())
     }
 
     /// Re-lays the subject out for `plan` (normalized to `updated_ms` first): the
-    /// plan's slots first — carrying usage over where name, unit and shape match,
-    /// fresh otherwise — then slots of other plans that still hold usage.
-    pub fn relayout_for(&mut self, plan: &Plan, interner: &mut LayoutInterner) {
+    /// plan's slots first — carrying usage over from identical slots (name, unit and
+    /// shape), fresh otherwise — then every other slot that still holds usage, so
+    /// switching between plans that count one name differently loses nothing, and
+    /// every lease keeps its concurrency slot. Returns false, changing nothing, if
+    /// that would take more than [`crate::layout::MAX_SLOTS`] slots.
+    #[must_use]
+    pub fn relayout_for(&mut self, plan: &Plan, interner: &mut LayoutInterner) -> bool {
         let old = Arc::clone(&self.layout);
         let mut slots: Vec<_> = plan.layout.slots().to_vec();
         for (i, slot) in old.slots().iter().enumerate() {
             let busy = self.slot_words(i).iter().any(|&w| w != 0);
-            if busy
-                && !slots.iter().any(|s| s.name == slot.name)
-                && slots.len() < crate::layout::MAX_SLOTS
-            {
+            if busy && !slots.contains(slot) {
                 slots.push(slot.clone());
             }
+        }
+        if slots.len() > crate::layout::MAX_SLOTS {
+            return false;
         }
         let layout = interner.intern(Layout::new(slots));
         let mut words: Words = smallvec::smallvec![0; layout.words()];
         for (i, slot) in layout.slots().iter().enumerate() {
-            if let Some(j) = old
-                .position(&slot.name)
-                .filter(|&j| old.slots().get(j) == Some(slot))
-            {
-                if let Some(dst) = words.get_mut(layout.range(i)) {
-                    dst.copy_from_slice(self.slot_words(j));
-                }
+            if let (Some(j), Some(dst)) = (old.find(slot), words.get_mut(layout.range(i))) {
+                dst.copy_from_slice(self.slot_words(j));
             }
         }
         self.layout = layout;
         self.words = words;
-        // A concurrency slot that started afresh holds no leases: forget them there.
-        if let Some(extra) = self.extra.as_deref_mut() {
-            let layout = Arc::clone(&self.layout);
-            let ids: Vec<Box<[u8]>> = extra
-                .requests
-                .iter()
-                .filter(|(_, r)| r.leases.iter().any(|l| layout.position(l).is_none()))
-                .map(|(id, _)| id.into())
-                .collect();
-            for id in ids {
-                if let Some(mut request) = extra.requests.remove(&id) {
-                    request.leases.retain(|l| layout.position(l).is_some());
-                    extra.requests.insert(&id, request);
-                }
-            }
-        }
+        true
     }
 
     /// When the key may expire: the latest instant any slot or request is busy until.
@@ -335,45 +318,64 @@ impl Subject {
             t => return bad(format!("bad extra tag {t}")),
         };
         r.finish()?;
-        let subject = Subject {
+        let mut subject = Subject {
             layout,
             updated_ms,
             words,
             extra,
         };
-        subject.check_lease_counts()?;
+        subject.repair();
         Ok(subject)
     }
 
-    /// Each concurrency slot's count equals the requests holding a lease there.
-    fn check_lease_counts(&self) -> Result<(), DecodeError> {
-        for (i, slot) in self.layout.slots().iter().enumerate() {
-            if slot.shape == Shape::Concurrency {
-                let held = self.requests().map_or(0, |t| {
-                    t.iter()
-                        .filter(|(_, r)| r.leases.contains(&slot.name))
-                        .count()
-                });
-                if self.slot_words(i).first().copied() != Some(held as u64) {
-                    return bad(format!(
-                        "lease count of '{}' does not match its requests",
-                        slot.name
-                    ));
+    /// Restores the lease invariant on a loaded subject: a lease names a concurrency
+    /// slot of the layout, and each concurrency slot counts the requests leasing it.
+    /// A well-formed subject never needs it; loading an inconsistent one (a damaged
+    /// or hand-made payload) must not fail the whole RDB load. O(requests): called
+    /// on load only. Returns whether anything changed.
+    pub fn repair(&mut self) -> bool {
+        let layout = Arc::clone(&self.layout);
+        let mut changed = false;
+        let mut counts = vec![0u64; layout.len()];
+        if let Some(extra) = self.extra.as_deref_mut() {
+            let mut fixed = Vec::new();
+            for (id, request) in extra.requests.iter() {
+                let held: Vec<Arc<str>> = request
+                    .leases
+                    .iter()
+                    .filter(|l| layout.lease_slot(l).is_some())
+                    .cloned()
+                    .collect();
+                for lease in &held {
+                    if let Some(count) = layout.lease_slot(lease).and_then(|i| counts.get_mut(i)) {
+                        *count += 1;
+                    }
+                }
+                if held.len() != request.leases.len() {
+                    fixed.push((Box::<[u8]>::from(id), held));
+                }
+            }
+            for (id, held) in fixed {
+                if let Some(mut request) = extra.requests.remove(&id) {
+                    request.leases = held;
+                    extra.requests.insert(&id, request);
+                    changed = true;
                 }
             }
         }
-        for (_, request) in self.requests().into_iter().flat_map(Requests::iter) {
-            if request.leases.iter().any(|l| {
-                self.layout
-                    .position(l)
-                    .and_then(|i| self.layout.slots().get(i))
-                    .map(|s| s.shape)
-                    != Some(Shape::Concurrency)
-            }) {
-                return bad("a request holds a lease in a slot that is not a concurrency limit");
+        for (i, slot) in layout.slots().iter().enumerate() {
+            if slot.shape != Shape::Concurrency {
+                continue;
+            }
+            let want = counts.get(i).copied().unwrap_or(0);
+            if let Some(count) = self.slot_words_mut(i).first_mut() {
+                if *count != want {
+                    *count = want;
+                    changed = true;
+                }
             }
         }
-        Ok(())
+        changed
     }
 
     /// Approximate heap bytes held (for `MEMORY USAGE`).
@@ -426,18 +428,72 @@ mod tests {
             ],
             &mut interner,
         );
-        s.relayout_for(&b, &mut interner);
+        assert!(s.relayout_for(&b, &mut interner));
         let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
-        assert_eq!(names, ["rpm", "daily", "tpm"]);
+        // b's slots first; a's busy 1-minute `rpm` is kept beside b's 1-second one.
+        assert_eq!(names, ["rpm", "daily", "tpm", "rpm"]);
         assert_eq!(&s.words[..2], &[0, 7]);
-        assert!(Arc::ptr_eq(&s.layout, &b.layout));
-        // Back to plan a: b's busy bucket stays; a's rpm is fresh.
+        assert_eq!(s.words.last(), Some(&3));
+        assert!(s.holds_all_of(&b));
+        // Back to plan a: its `rpm` finds its usage again; b's idle `rpm` goes and
+        // b's busy bucket stays.
         s.slot_words_mut(2).copy_from_slice(&[1_000, 5, 0, 1]);
-        s.relayout_for(&a, &mut interner);
+        assert!(s.relayout_for(&a, &mut interner));
         let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
         assert_eq!(names, ["rpm", "daily", "tpm"]);
+        assert_eq!(&s.words[..2], &[3, 7]);
         assert!(s.holds_all_of(&a));
         assert!(!s.holds_all_of(&b));
+    }
+
+    #[test]
+    fn relayout_keeps_every_lease_counted() {
+        let mut interner = LayoutInterner::new();
+        let a = plan(&[("jobs", "concurrency 2")], &mut interner);
+        let b = plan(&[("jobs", "fixed 5/1m")], &mut interner);
+        let mut s = Subject::new(Arc::clone(&a.layout), 0);
+        s.words[0] = 1;
+        s.extra_mut().requests.insert(
+            b"r",
+            Request {
+                expires_at: 10,
+                plan: Arc::from("p"),
+                leases: vec![Arc::from("jobs")],
+                charges: vec![],
+            },
+        );
+        // A plan with a `jobs` limit of another kind keeps the lease's slot...
+        assert!(s.relayout_for(&b, &mut interner));
+        assert_eq!(s.layout.len(), 2);
+        assert_eq!(
+            s.layout.lease_slot("jobs").map(|i| s.slot_words(i)),
+            Some(&[1][..])
+        );
+        // ...and the lease frees where it was counted.
+        assert_eq!(s.purge_expired(10), 1);
+        assert_eq!(
+            s.layout.lease_slot("jobs").map(|i| s.slot_words(i)),
+            Some(&[0][..])
+        );
+        assert!(!s.repair());
+    }
+
+    #[test]
+    fn relayout_past_the_slot_cap_is_refused_and_changes_nothing() {
+        let mut interner = LayoutInterner::new();
+        let mut s = Subject::new(Arc::new(Layout::empty()), 0);
+        for i in 0..crate::layout::MAX_SLOTS {
+            let p = plan(&[(&*format!("l{i}"), "fixed 5/1m")], &mut interner);
+            assert!(s.relayout_for(&p, &mut interner));
+            if let Some(w) = s.layout.find(&p.layout.slots()[0]) {
+                s.slot_words_mut(w)[0] = 1;
+            }
+        }
+        assert_eq!(s.layout.len(), crate::layout::MAX_SLOTS);
+        let before = s.clone();
+        let p = plan(&[("one_more", "fixed 5/1m")], &mut interner);
+        assert!(!s.relayout_for(&p, &mut interner));
+        assert_eq!(s, before);
     }
 
     #[test]
@@ -480,7 +536,7 @@ mod tests {
                 plan: Arc::from("p"),
                 leases: vec![Arc::from("jobs")],
                 charges: vec![Charge {
-                    slot: Arc::from("rpm"),
+                    slot: p.layout.slots()[0].clone(),
                     amount: 1,
                     marker: 3,
                 }],
@@ -493,11 +549,29 @@ mod tests {
         for cut in 0..buf.len() {
             assert!(Subject::decode(&buf[..cut], &mut interner, 100).is_err());
         }
-        // A lease count that disagrees with the requests is refused.
-        s.slot_words_mut(1)[0] = 2;
+        // A lease count that disagrees with the requests, or a lease in a slot that
+        // is not a concurrency limit, is repaired rather than failing the load.
+        let mut damaged = s.clone();
+        damaged.slot_words_mut(1)[0] = 2;
+        damaged.extra_mut().requests.insert(
+            b"r2",
+            Request {
+                expires_at: 600,
+                plan: Arc::from("p"),
+                leases: vec![Arc::from("rpm"), Arc::from("gone")],
+                charges: vec![],
+            },
+        );
         let mut w = Writer::new();
-        s.encode(&mut w);
-        assert!(Subject::decode(&w.into_inner(), &mut interner, 100).is_err());
+        damaged.encode(&mut w);
+        let loaded = Subject::decode(&w.into_inner(), &mut interner, 100);
+        assert_eq!(loaded.as_ref().map(|l| l.slot_words(1)), Ok(&[1][..]));
+        let leases = loaded.ok().and_then(|l| {
+            l.requests()
+                .and_then(|t| t.get(b"r2"))
+                .map(|r| r.leases.len())
+        });
+        assert_eq!(leases, Some(0));
     }
 
     #[test]

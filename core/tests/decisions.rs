@@ -366,3 +366,75 @@ fn a_fallback_admits_what_the_plan_denies_but_not_past_a_shared_budget() {
     assert_eq!(r.denied_by().as_deref(), Some("daily"));
     assert_eq!(r.retry_after_ms() as u64, MS_PER_DAY);
 }
+
+#[test]
+fn switching_between_plans_that_count_a_name_differently_loses_nothing() {
+    let mut h = Harness::new(T);
+    h.plan("a", &[("rpm", "fixed 5/1m")]);
+    h.plan("b", &[("rpm", "sliding 5/1m")]);
+    assert_eq!(h.acquire("a", 3).remaining("rpm"), 2);
+    // b counts `rpm` another way: its own counter, a's is kept...
+    assert_eq!(h.acquire("b", 1).remaining("rpm"), 4);
+    // ...so going back to a cannot reset it.
+    assert_eq!(h.acquire("a", 1).remaining("rpm"), 1);
+    assert!(!h.acquire("a", 2).allowed());
+}
+
+#[test]
+fn a_generated_id_never_replaces_a_live_request() {
+    let mut h = Harness::new(T);
+    h.plan("p", &[("jobs", "concurrency 3")]);
+    let chosen = format!("{T}-1");
+    let call = Call {
+        id: Some(chosen.as_bytes()),
+        ..Call::default()
+    };
+    assert!(h.call("p", call, true).allowed());
+    let generated = h.acquire("p", 1);
+    assert!(generated.allowed());
+    assert_ne!(generated.id.as_deref(), Some(&*chosen));
+    assert_eq!(generated.remaining("jobs"), 1);
+    assert!(h.release(&chosen, &[]).is_some());
+    assert_eq!(h.peek("p", 1).remaining("jobs"), 1);
+}
+
+#[test]
+fn reusing_a_live_id_replaces_its_request_and_frees_its_lease() {
+    let mut h = Harness::new(T);
+    h.plan("p", &[("jobs", "concurrency 2")]);
+    let call = Call {
+        id: Some(b"x"),
+        ..Call::default()
+    };
+    assert_eq!(h.call("p", call, true).remaining("jobs"), 1);
+    assert_eq!(h.call("p", call, true).remaining("jobs"), 1);
+    assert!(h.release("x", &[]).is_some());
+    assert_eq!(h.peek("p", 1).remaining("jobs"), 1, "peek takes one itself");
+    assert!(h.release("x", &[]).is_none());
+}
+
+#[test]
+fn settling_after_a_plan_change_touches_only_the_counter_charged() {
+    let mut h = Harness::new(T);
+    h.plan("p", &[("tpm", "fixed 1000 token/1m")]);
+    let call = Call {
+        costs: Costs {
+            request: 1,
+            units: &[("token", 600)],
+        },
+        id: Some(b"r1"),
+        ..Call::default()
+    };
+    assert!(h.call("p", call, true).allowed());
+    // The plan now counts `tpm` over 30 s: a fresh counter, the old one kept.
+    h.plan("p", &[("tpm", "fixed 1000 token/30s")]);
+    assert_eq!(
+        h.acquire_costs("p", 0, &[("token", 50)]).remaining("tpm"),
+        950
+    );
+    assert!(h.release("r1", &[("token", 100)]).is_some());
+    assert_eq!(h.peek("p", 0).remaining("tpm"), 950);
+    // The refund went to the 1-minute counter, which a plan counting that way sees.
+    h.plan("p", &[("tpm", "fixed 1000 token/1m")]);
+    assert_eq!(h.peek("p", 0).remaining("tpm"), 900);
+}

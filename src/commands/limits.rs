@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use tollgate_core::credits::Touched;
-use tollgate_core::decide::{self, Call, Costs, Decided, Denial};
+use tollgate_core::decide::{self, Call, CommitError, Costs, Decided, Denial};
+use tollgate_core::layout::{LayoutInterner, MAX_SLOTS};
 use tollgate_core::limits::Admission;
 use tollgate_core::plan::{Plan, Plans};
 use tollgate_core::spec::Rule;
@@ -106,10 +107,13 @@ pub fn peek(ctx: &Ctx, args: Args<'_>) -> CmdResult {
 }
 
 fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -> CmdResult {
-    if let Some(wait_ms) = parsed
-        .wait_ms
-        .filter(|&w| w > 0 && charge && crate::wait::can_block(ctx))
-    {
+    if let Some(wait_ms) = parsed.wait_ms.filter(|&w| {
+        w > 0
+            && charge
+            && crate::wait::can_block(ctx)
+            && crate::config::max_waiters_per_key() > 0
+            && crate::config::max_waiters() > 0
+    }) {
         return crate::wait::acquire_or_wait(ctx, state, parsed, wait_ms);
     }
     let attempted = attempt(ctx, state, parsed, charge)?;
@@ -243,28 +247,29 @@ pub fn attempt(
     if attempted.admitted() && verdict.takes_request {
         check_room_for_request(subject.as_deref(), call.id, verdict.now)?;
     }
+    if let (Some((ckey, _, _)), Some(id)) = (&credits_key, call.id) {
+        // The id names the credits deduction too: a remembered one would make the
+        // deduction a no-op repeat, admitting the call for free.
+        if credits_in(ckey).is_some_and(|c| c.remembers_deduction(id, clock)) {
+            return Err(CmdError::err(format_args!(
+                "request id '{}' was already used for a deduction on the credits key \
+                 (ids are remembered for tollgate.idempotency-window-ms); use a new id",
+                printable(id)
+            )));
+        }
+    }
     let decided = &attempted.decided;
     attempted.by_fallback = !Arc::ptr_eq(&decided.plan, &requested);
     if attempted.admitted() {
-        let had_requests = subject.as_deref().is_some_and(|s| s.requests().is_some());
-        let before = requests_len(subject.as_deref());
-        let mut fresh: Option<Box<Subject>> = None;
-        let target: &mut Subject = match subject {
-            Some(s) => s,
-            None => fresh.insert(Box::new(Subject::new(
-                Arc::clone(&decided.plan.layout),
-                verdict.now,
-            ))),
-        };
-        let id = decide::commit(&decided.plan, target, &call, &verdict, interner);
-        track_requests(before, requests_len(Some(target)));
-        let change = Change {
-            purged_at: had_requests.then_some(verdict.now),
-            put: id.as_deref(),
-            seq: id.is_some() && call.id.is_none(),
-            ..Change::default()
-        };
-        write_back(ctx, &key, parsed.key, fresh, change, payload)?;
+        let id = charge_subject(
+            ctx,
+            (&key, parsed.key),
+            subject,
+            decided,
+            &call,
+            interner,
+            payload,
+        )?;
         if let Some((ckey, name, amount)) = &credits_key {
             attempted.credits = Some(charge_credits(
                 ctx, ckey, *name, *amount, call.id, clock, payload,
@@ -274,6 +279,49 @@ pub fn attempt(
         attempted.warn_crossed = outcomes.iter().any(|o| o.warn_crossed);
     }
     Ok(attempted)
+}
+
+/// Charges an admitted call to its subject (created if the key is empty), then
+/// stores, replicates and signals the key. Returns the request id it registered.
+/// The one path every charging command takes, so that what the primary changed
+/// (expired requests purged, the id sequence) is always what it replicates.
+fn charge_subject(
+    ctx: &Ctx,
+    (key, name): (&Key, RawString),
+    subject: Option<&mut Subject>,
+    decided: &Decided,
+    call: &Call<'_>,
+    interner: &mut LayoutInterner,
+    payload: &mut Vec<u8>,
+) -> Result<Option<Box<[u8]>>, CmdError> {
+    let verdict = &decided.verdict;
+    let had_requests = subject.as_deref().is_some_and(|s| s.requests().is_some());
+    let before = requests_len(subject.as_deref());
+    let mut fresh: Option<Box<Subject>> = None;
+    let target: &mut Subject = match subject {
+        Some(s) => s,
+        None => fresh.insert(Box::new(Subject::new(
+            Arc::clone(&decided.plan.layout),
+            verdict.now,
+        ))),
+    };
+    let id = decide::commit(&decided.plan, target, call, verdict, interner).map_err(
+        |CommitError::TooManySlots| {
+            CmdError::err(format_args!(
+                "this key holds usage in {MAX_SLOTS} differently counted limits; \
+                 wait for some to go idle or use another key"
+            ))
+        },
+    )?;
+    track_requests(before, requests_len(Some(target)));
+    let change = Change {
+        purged_at: had_requests.then_some(verdict.now),
+        put: id.as_deref(),
+        seq: id.is_some() && call.id.is_none(),
+        ..Change::default()
+    };
+    write_back(ctx, key, name, fresh, change, payload)?;
+    Ok(id)
 }
 
 /// Deducts `amount` from the credits key of an admitted call (known to cover it),
@@ -364,21 +412,14 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             state.stats.calls += 1;
             if verdict.admitted {
                 state.stats.admitted += 1;
-                let mut fresh: Option<Box<Subject>> = None;
-                let target: &mut Subject = match subject {
-                    Some(s) => s,
-                    None => fresh.insert(Box::new(Subject::new(
-                        Arc::clone(&plan.layout),
-                        verdict.now,
-                    ))),
-                };
-                decide::commit(&plan, target, &call, &verdict, &mut state.interner);
-                write_back(
+                let decided = Decided { plan, verdict };
+                charge_subject(
                     ctx,
-                    &key,
-                    key_name,
-                    fresh,
-                    Change::default(),
+                    (&key, key_name),
+                    subject,
+                    &decided,
+                    &call,
+                    &mut state.interner,
                     &mut state.payload,
                 )?;
             } else {

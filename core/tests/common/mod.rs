@@ -113,6 +113,7 @@ impl Harness {
                 &decided.verdict,
                 &mut self.interner,
             )
+            .unwrap_or_else(|e| panic!("commit refused: {e:?}"))
             .map(|id| String::from_utf8_lossy(&id).into_owned());
         }
         Reply {
