@@ -70,6 +70,23 @@ pub fn missing_api() -> Vec<&'static str> {
         RedisModule_SetModuleOptions,
         RedisModule_NotifyKeyspaceEvent,
         RedisModule_GetSelectedDb,
+        RedisModule_SelectDb,
+        RedisModule_BlockClientOnKeys,
+        RedisModule_GetBlockedClientPrivateData,
+        RedisModule_SignalKeyAsReady,
+        RedisModule_CreateTimer,
+        RedisModule_CreateString,
+        RedisModule_FreeString,
+        RedisModule_IsKeysPositionRequest,
+        RedisModule_KeyAtPos,
+        RedisModule_IsIOError,
+        RedisModule_SaveUnsigned,
+        RedisModule_LoadUnsigned,
+        RedisModule_InfoAddSection,
+        RedisModule_InfoAddFieldCString,
+        RedisModule_InfoAddFieldULongLong,
+        RedisModule_RegisterInfoFunc,
+        RedisModule_SubscribeToServerEvent,
     );
     missing
 }

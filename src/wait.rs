@@ -5,11 +5,14 @@
 //!   resharding redirect or unblock them as Redis does for any blocked client.
 //! - Each key has a queue ordered by `(priority, arrival)`; only its head may be
 //!   admitted, so waiters go strictly by priority (lower first), then arrival.
-//! - Wake-ups: releases, credits grants and replicated writes signal the key; a
-//!   timer at the caller's `retry_after_ms` signals it for refills and lease expiry.
+//! - Wake-ups: releases and replicated writes signal the key; a timer at the head's
+//!   `retry_after_ms` signals it for refills and lease expiry (one pending timer per
+//!   key: a later one is not set while an earlier one will fire). A waiter denied by
+//!   its credits key is answered at once, so grants need not wake anyone.
 //! - The subject key is kept alive until the last waiter's deadline (a Redis key
 //!   must exist for its blocked clients to be served).
-//! - Inside MULTI/EXEC, scripts, or any context that forbids blocking, WAIT is 0.
+//! - Inside MULTI/EXEC, scripts, or any context that forbids blocking, and with
+//!   `tollgate.max-waiters-per-key` 0, WAIT is 0.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::raw::{c_char, c_int, c_void};
@@ -31,6 +34,8 @@ type KeyId = (c_int, Box<[u8]>);
 #[derive(Default)]
 pub struct Waiters {
     queues: HashMap<KeyId, BTreeSet<(i64, u64)>>,
+    /// When the pending wake-up timer of each key fires (ms since the epoch).
+    timers: HashMap<KeyId, u64>,
     next_seq: u64,
     total: usize,
 }
@@ -48,6 +53,25 @@ impl Waiters {
         self.queues.get(key).is_some_and(|q| !q.is_empty())
     }
 
+    /// Whether a timer firing at `due` is needed for `key`: not if one fires sooner.
+    /// Records `due` when it is.
+    fn needs_timer(&mut self, key: &KeyId, due: u64, now: u64) -> bool {
+        match self.timers.get(key) {
+            Some(&pending) if pending > now && pending <= due => false,
+            _ => {
+                self.timers.insert(key.clone(), due);
+                true
+            }
+        }
+    }
+
+    /// A timer of `key` fired at `now`: forget it unless a later one replaced it.
+    fn timer_fired(&mut self, key: &KeyId, now: u64) {
+        if self.timers.get(key).is_some_and(|&due| due <= now) {
+            self.timers.remove(key);
+        }
+    }
+
     fn remove(&mut self, key: &KeyId, place: (i64, u64)) -> bool {
         let Some(queue) = self.queues.get_mut(key) else {
             return false;
@@ -55,6 +79,7 @@ impl Waiters {
         let removed = queue.remove(&place);
         if queue.is_empty() {
             self.queues.remove(key);
+            self.timers.remove(key);
         }
         if removed {
             self.total = self.total.saturating_sub(1);
@@ -213,17 +238,22 @@ pub fn acquire_or_wait(
         return Err(CmdError::err("this client cannot block here"));
     }
     // Whatever is ahead may already be able to go; and refills need a timer.
-    wake_at(ctx, &key, 0);
+    wake_now(ctx, &key);
     Ok(())
 }
 
-/// Signals `key` ready `after_ms` from now, to re-run its waiters. With 0 it signals
-/// at once, which needs a context with a client (a command or blocked client).
-fn wake_at(ctx: &Ctx, key: &KeyId, after_ms: u64) {
-    if after_ms == 0 {
-        if let Some(name) = HeldString::new(&key.1) {
-            ctx.signal_ready(name.0);
-        }
+/// Signals `key` ready, to re-run its waiters (needs a context with a client: a
+/// command or a blocked client).
+fn wake_now(ctx: &Ctx, key: &KeyId) {
+    if let Some(name) = HeldString::new(&key.1) {
+        ctx.signal_ready(name.0);
+    }
+}
+
+/// Signals `key` ready `after_ms` (> 0) from now, unless a timer fires sooner.
+fn wake_later(ctx: &Ctx, waiters: &mut Waiters, key: &KeyId, after_ms: u64) {
+    let now = ctx.now_ms();
+    if !waiters.needs_timer(key, now.saturating_add(after_ms), now) {
         return;
     }
     let data = Box::into_raw(Box::new(key.clone()));
@@ -238,9 +268,11 @@ unsafe extern "C" fn on_timer(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) 
     if data.is_null() {
         return;
     }
-    // SAFETY: `data` is the `KeyId` box `wake_at` leaked for this timer, used once.
+    // SAFETY: `data` is the `KeyId` box `wake_later` leaked for this timer, used once.
     let key = unsafe { Box::from_raw(data.cast::<KeyId>()) };
     let _ = std::panic::catch_unwind(|| {
+        let now = Ctx(ctx).now_ms();
+        let _ = STATE.with(|state| state.waiters.timer_fired(&key, now));
         api!(RedisModule_SelectDb(ctx, key.0) else 0);
         if let Some(name) = HeldString::new(&key.1) {
             Ctx(ctx).signal_ready(name.0);
@@ -278,6 +310,7 @@ unsafe extern "C" fn on_ready(
                 Err(e) => {
                     reply_error(&ctx, &e);
                     state.waiters.remove(&waiter.key_id, waiter.place);
+                    wake_now(&ctx, &waiter.key_id);
                     return Ok(true);
                 }
             };
@@ -290,11 +323,11 @@ unsafe extern "C" fn on_ready(
                 attempted.reply(&ctx, &state.outcomes);
                 state.waiters.remove(&waiter.key_id, waiter.place);
                 // The next in line may fit too.
-                wake_at(&ctx, &waiter.key_id, 0);
+                wake_now(&ctx, &waiter.key_id);
                 return Ok(true);
             }
             if let Admission::After(ms) = retry {
-                wake_at(&ctx, &waiter.key_id, ms.max(1));
+                wake_later(&ctx, &mut state.waiters, &waiter.key_id, ms.max(1));
             }
             Ok::<bool, CmdError>(false)
         });
@@ -303,7 +336,11 @@ unsafe extern "C" fn on_ready(
             _ => keep_waiting,
         }
     })
-    .unwrap_or(done)
+    .unwrap_or_else(|_| {
+        // A bug: answer rather than leave the client hanging.
+        Ctx(ctx).reply_error("ERR tollgate internal error (a bug: see the server log)");
+        done
+    })
 }
 
 /// `WAIT` ran out: answer with the call's standing, `allowed` 0.
@@ -312,7 +349,7 @@ unsafe extern "C" fn on_timeout(
     _argv: *mut RawString,
     _argc: c_int,
 ) -> c_int {
-    let _ = std::panic::catch_unwind(|| {
+    let outcome = std::panic::catch_unwind(|| {
         let ctx = Ctx(ctx);
         let Some(waiter) = waiter_of(ctx.0) else {
             ctx.reply_null();
@@ -330,12 +367,15 @@ unsafe extern "C" fn on_timeout(
                 }
                 Err(e) => reply_error(&ctx, &e),
             }
-            wake_at(&ctx, &waiter.key_id, 0);
+            wake_now(&ctx, &waiter.key_id);
         });
         if replied.is_err() {
             ctx.reply_error("ERR tollgate internal error (module state busy)");
         }
     });
+    if outcome.is_err() {
+        Ctx(ctx).reply_error("ERR tollgate internal error (a bug: see the server log)");
+    }
     raw::REDISMODULE_OK as c_int
 }
 
@@ -361,13 +401,12 @@ unsafe extern "C" fn free_waiter(ctx: *mut raw::RedisModuleCtx, data: *mut c_voi
     // SAFETY: `data` is the `Waiter` box given to `BlockClientOnKeys`, freed once here.
     let waiter = unsafe { Box::from_raw(data.cast::<Waiter>()) };
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let removed = STATE
-            .with(|state| state.waiters.remove(&waiter.key_id, waiter.place))
-            .unwrap_or(false);
-        if removed && !ctx.is_null() {
-            // It left the queue by disconnecting: whoever is next may go. This context
-            // has no client (so no selected db) to signal with: a timer has one.
-            wake_at(&Ctx(ctx), &waiter.key_id, 1);
-        }
+        let _ = STATE.with(|state| {
+            if state.waiters.remove(&waiter.key_id, waiter.place) && !ctx.is_null() {
+                // It left the queue by disconnecting: whoever is next may go. This
+                // context has no client (so no selected db) to signal with: a timer has.
+                wake_later(&Ctx(ctx), &mut state.waiters, &waiter.key_id, 1);
+            }
+        });
     }));
 }

@@ -401,7 +401,14 @@ fn key_specs(command: &Command) -> Vec<raw::RedisModuleCommandKeySpec> {
     if command.keys == Keys::FirstAndCredits {
         let mut credits = zeroed();
         credits.notes = c"The credits key of CREDITS credits-key amount.".as_ptr();
-        credits.flags = u64::from(raw::REDISMODULE_CMD_KEY_RW | raw::REDISMODULE_CMD_KEY_UPDATE);
+        // INCOMPLETE: the keyword search would also match an `ENDPOINT credits` or an
+        // id spelled "credits"; Redis then asks the command (`getkeys-api`), which
+        // walks the grammar.
+        credits.flags = u64::from(
+            raw::REDISMODULE_CMD_KEY_RW
+                | raw::REDISMODULE_CMD_KEY_UPDATE
+                | raw::REDISMODULE_CMD_KEY_INCOMPLETE,
+        );
         credits.begin_search_type =
             raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_KEYWORD;
         credits.bs.keyword = raw::RedisModuleCommandKeySpec__bindgen_ty_1__bindgen_ty_2 {

@@ -359,6 +359,26 @@ fn acquire_with_credits_charges_both_or_neither() {
         ),
         (10, 25)
     );
+    // The deduction id is remembered: reusing the request id (its reservation long
+    // settled) would repeat the deduction for free, so it is refused.
+    run(&mut con, &["RL.RELEASE", "{acct:42}:rl", "img-1"]);
+    int(&mut con, &["RL.PLAN.SET", "other", "rpm", "fixed 100/1m"]);
+    let before = digest(&mut con);
+    let e = err(
+        &mut con,
+        &[
+            "RL.ACQUIRE",
+            "{acct:42}:rl",
+            "other",
+            "CREDITS",
+            "{acct:42}:credits",
+            "10",
+            "ID",
+            "img-1",
+        ],
+    );
+    assert!(e.contains("already used for a deduction"), "{e}");
+    assert_eq!(digest(&mut con), before, "nothing changed");
 }
 
 #[test]

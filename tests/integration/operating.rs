@@ -180,4 +180,22 @@ fn commands_carry_flags_key_specs_and_docs() {
             Value::BulkString(b"c".to_vec())
         ])
     );
+    // A value spelled like the keyword is not a key: the grammar decides.
+    assert_eq!(
+        run(
+            &mut con,
+            &[
+                "COMMAND",
+                "GETKEYS",
+                "RL.ACQUIRE",
+                "a",
+                "p",
+                "ENDPOINT",
+                "credits",
+                "ID",
+                "x"
+            ]
+        ),
+        Value::Array(vec![Value::BulkString(b"a".to_vec())])
+    );
 }

@@ -58,3 +58,46 @@ fn rl_apply_rejects_garbage_and_changes_nothing() {
     assert!(err(&mut con, &["RL.APPLY", "k", ""]).starts_with("ERR invalid RL.APPLY payload"));
     assert_eq!(int(&mut con, &["EXISTS", "k"]), 0);
 }
+
+#[test]
+fn throttles_and_plan_switches_on_keys_with_requests_keep_replicas_exact() {
+    let primary = Server::start();
+    let replica = Server::start();
+    attach_replica(&primary, &replica);
+    let mut p = primary.client();
+    int(&mut p, &["RL.PLAN.SET", "leases", "jobs", "concurrency 5"]);
+    int(&mut p, &["RL.PLAN.SET", "fixed", "rpm", "fixed 10/1m"]);
+    int(&mut p, &["RL.PLAN.SET", "sliding", "rpm", "sliding 10/1m"]);
+    for i in 0..10 {
+        let key = format!("k{i}");
+        let id = format!("r{i}");
+        run(
+            &mut p,
+            &["RL.ACQUIRE", &key, "leases", "ID", &id, "TTL", "20"],
+        );
+        run(&mut p, &["RL.ACQUIRE", &key, "fixed", "ID", "keep"]);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    for i in 0..10 {
+        let key = format!("k{i}");
+        // The lease has expired: the primary purges it while charging, and the
+        // replica must drop it too.
+        if i % 2 == 0 {
+            run(&mut p, &["RL.THROTTLE", &key, "5", "10", "60"]);
+        } else {
+            run(&mut p, &["RL.ACQUIRE", &key, "sliding"]);
+        }
+    }
+    wait_in_sync(&primary, &replica);
+    let mut r = replica.client();
+    assert_eq!(digest(&mut r), digest(&mut p));
+    // Alternating plans that count `rpm` differently keeps both counters.
+    assert_eq!(
+        decision(&mut p, &["RL.PEEK", "k1", "fixed", "0"]).remaining("rpm"),
+        9
+    );
+    assert_eq!(
+        decision(&mut r, &["RL.PEEK", "k1", "sliding", "0"]).remaining("rpm"),
+        9
+    );
+}

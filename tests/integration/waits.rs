@@ -524,3 +524,64 @@ fn assigned_plans_and_the_default_plan() {
         Some("free")
     );
 }
+
+/// Starts `RL.ACQUIRE args...` on its own connection; the channel gets the reply (or
+/// the error text) and how long it took.
+fn spawn_acquire(
+    port: u16,
+    args: &'static [&'static str],
+) -> mpsc::Receiver<(Result<Value, String>, Duration)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let started = Instant::now();
+        let reply = try_run(&mut con, args);
+        let _ = tx.send((reply, started.elapsed()));
+    });
+    rx
+}
+
+#[test]
+fn a_waiter_whose_call_fails_passes_the_turn_on() {
+    let server = start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "gone", "jobs", "concurrency 1"]);
+    int(&mut con, &["RL.PLAN.SET", "p", "jobs", "concurrency 1"]);
+    let holder = decision(&mut con, &["RL.ACQUIRE", "k", "p"]);
+    let first = spawn_acquire(server.port, &["RL.ACQUIRE", "k", "gone", "WAIT", "20000"]);
+    wait_for_waiters(&mut con, 1);
+    let second = spawn_acquire(server.port, &["RL.ACQUIRE", "k", "p", "WAIT", "20000"]);
+    wait_for_waiters(&mut con, 2);
+    // The head's plan disappears: when woken, its call is an error...
+    int(&mut con, &["RL.PLAN.DEL", "gone"]);
+    run(&mut con, &["RL.RELEASE", "k", &holder.str("id").unwrap()]);
+    let (reply, _) = first.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        reply.as_ref().is_err_and(|e| e.contains("unknown plan")),
+        "{reply:?}"
+    );
+    // ...and the next in line is admitted at once, not at its timeout.
+    let (reply, waited) = second.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(Decision::from(&reply.unwrap()).allowed());
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(waiting(&mut con), 0);
+}
+
+#[test]
+fn max_waiters_zero_turns_wait_off() {
+    let server = start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "p", "jobs", "concurrency 1"]);
+    assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
+    for config in ["tollgate.max-waiters-per-key", "tollgate.max-waiters"] {
+        run(&mut con, &["CONFIG", "SET", config, "0"]);
+        let started = Instant::now();
+        let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "5000"]);
+        assert!(!d.allowed());
+        assert!(started.elapsed() < Duration::from_millis(1000), "{config}");
+        run(&mut con, &["CONFIG", "SET", config, "1000"]);
+    }
+}
