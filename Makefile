@@ -64,7 +64,7 @@ check: clippy test ## fmt check, clippy -D warnings, then every test
 
 bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches
 	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
-	$(CARGO) bench -p tollgate-core --bench decision -- --warm-up-time 1 --measurement-time 3
+	$(CARGO) bench -p tollgate-bench --bench decision -- --warm-up-time 1 --measurement-time 3
 
 bench-cluster: release ## RL.ACQUIRE throughput on 1, 2 and 3 cluster primaries, and per-node cost
 	$(CARGO) run --release -p tollgate-bench -- cluster $(RELEASE_SO)

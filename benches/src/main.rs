@@ -114,8 +114,14 @@ fn usec_per_call(con: &mut redis::Connection, command: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Requests per second `redis-benchmark` reports for `args` (CSV output).
+/// Requests per second `redis-benchmark` reports for `args` (CSV output), with
+/// `__rand_int__` drawn from the random subjects.
 fn throughput(port: u16, pipeline: u32, requests: u64, args: &[&str]) -> f64 {
+    throughput_over(port, pipeline, requests, SUBJECTS, args)
+}
+
+/// Like [`throughput`], with `__rand_int__` drawn from `0..range`.
+fn throughput_over(port: u16, pipeline: u32, requests: u64, range: u64, args: &[&str]) -> f64 {
     let output = Command::new("redis-benchmark")
         .args([
             "-h",
@@ -126,7 +132,7 @@ fn throughput(port: u16, pipeline: u32, requests: u64, args: &[&str]) -> f64 {
             "50",
             "--csv",
             "-r",
-            &SUBJECTS.to_string(),
+            &range.to_string(),
         ])
         .args(["-n", &requests.to_string(), "-P", &pipeline.to_string()])
         .args(args)
@@ -272,7 +278,146 @@ fn main() {
     }
     println!("\nTargets: 3-limit RL.ACQUIRE <= 1.5x INCR server-side; <= 200 bytes per subject.");
     leases(&mut con, port, incr);
+    credits(&mut con, port, incr);
+    waiters(&mut con, port, incr);
     drop(server);
+}
+
+/// `RL.CREDITS.DEDUCT` (plain and with an `ID`) and `RL.ACQUIRE ... CREDITS` on a
+/// credits key holding 1, 100 and 10,000 blocks: server-side cost against `INCR`.
+fn credits(con: &mut redis::Connection, port: u16, incr: f64) {
+    let scenarios: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "RL.CREDITS.DEDUCT",
+            vec!["RL.CREDITS.DEDUCT", "{acct}:credits", "1"],
+            "rl.credits.deduct",
+        ),
+        (
+            "RL.CREDITS.DEDUCT ... ID",
+            vec![
+                "RL.CREDITS.DEDUCT",
+                "{acct}:credits",
+                "1",
+                "ID",
+                "d-__rand_int__",
+            ],
+            "rl.credits.deduct",
+        ),
+        (
+            "RL.ACQUIRE 3 limits ... CREDITS",
+            vec![
+                "RL.ACQUIRE",
+                "{acct}:rl:__rand_int__",
+                "three",
+                "1",
+                "COST",
+                "token",
+                "100",
+                "CREDITS",
+                "{acct}:credits",
+                "1",
+            ],
+            "rl.acquire",
+        ),
+    ];
+    println!("\nCredits: one credits key holding N blocks (each deduction takes from the soonest-expiring)");
+    println!(
+        "{:<34} {:>8} {:>10} {:>7} {:>12}",
+        "command", "blocks", "usec/call", "x INCR", "rps -P 16"
+    );
+    for (name, args, stat) in &scenarios {
+        for blocks in [1u64, 100, 10_000] {
+            cmd(con, &["FLUSHALL"]);
+            let mut pipe = redis::pipe();
+            for i in 0..blocks {
+                // Distinct expiries keep the blocks apart; all far in the future.
+                pipe.cmd("RL.CREDITS.GRANT")
+                    .arg("{acct}:credits")
+                    .arg(1_000_000_000_000u64)
+                    .arg("TTL")
+                    .arg(86_400_000 + i)
+                    .ignore();
+            }
+            let _: () = pipe.query(con).unwrap_or_else(|e| panic!("{e}"));
+            cmd(con, &["CONFIG", "RESETSTAT"]);
+            let rate = throughput_over(port, 16, 200_000, 1_000_000_000, args);
+            let usec = usec_per_call(con, stat);
+            println!(
+                "{:<34} {:>8} {:>10.3} {:>7.2} {:>12.0}",
+                name,
+                blocks,
+                usec,
+                usec / incr,
+                rate
+            );
+        }
+    }
+    println!("Target: each <= 1.5x INCR server-side, flat in the number of blocks.");
+}
+
+/// A non-waiting 3-limit `RL.ACQUIRE` with no client waiting, then with 1,000 clients
+/// blocked in `WAIT` on other keys.
+fn waiters(con: &mut redis::Connection, port: u16, incr: f64) {
+    use std::io::Write;
+    cmd(
+        con,
+        &["RL.PLAN.SET", "gate", "jobs", "concurrency 1 ttl 1h"],
+    );
+    let args = [
+        "RL.ACQUIRE",
+        "three:__rand_int__",
+        "three",
+        "1",
+        "COST",
+        "token",
+        "100",
+    ];
+    println!("\nWAIT: a non-waiting RL.ACQUIRE (3 limits) while other clients wait on other keys");
+    println!(
+        "{:<34} {:>10} {:>7} {:>12}",
+        "clients waiting", "usec/call", "x INCR", "rps -P 16"
+    );
+    let mut blocked = Vec::new();
+    for waiting in [0usize, 1_000] {
+        cmd(con, &["FLUSHALL"]);
+        blocked.clear();
+        for i in 0..waiting {
+            let key = format!("gate:{i}");
+            cmd(con, &["RL.ACQUIRE", &key, "gate"]);
+            let mut stream =
+                std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("{e}"));
+            let parts = ["RL.ACQUIRE", key.as_str(), "gate", "WAIT", "600000"];
+            let mut resp = format!("*{}\r\n", parts.len());
+            for part in parts {
+                resp.push_str(&format!("${}\r\n{part}\r\n", part.len()));
+            }
+            stream
+                .write_all(resp.as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+            blocked.push(stream);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while info_field(&info(con, "tollgate"), "tollgate_waiting_clients:")
+            .and_then(|v| v.parse::<usize>().ok())
+            != Some(waiting)
+        {
+            assert!(Instant::now() < deadline, "{waiting} clients never blocked");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cmd(con, &["CONFIG", "RESETSTAT"]);
+        let rate = throughput(port, 16, 600_000, &args);
+        let usec = usec_per_call(con, "rl.acquire");
+        println!(
+            "{:<34} {:>10.3} {:>7.2} {:>12.0}",
+            waiting,
+            usec,
+            usec / incr,
+            rate
+        );
+    }
+    drop(blocked);
+    println!("WAIT is not a compile-time option: a call without WAIT only tests that the");
+    println!("option is absent, so the first row is the cost without the feature.");
 }
 
 /// A 4-limit plan (sliding + fixed + bucket + concurrency) taken with `ID` and settled

@@ -497,19 +497,17 @@ impl Credits {
     /// else when the last block expires and the last id is forgotten.
     pub fn expiry(&self) -> crate::subject::Expiry {
         use crate::subject::Expiry;
-        if self
-            .blocks
-            .iter()
-            .any(|(&(at, _), b)| at == NEVER && b.left > 0)
-        {
+        // Blocks are ordered by expiry, never-expiring last: both lookups are O(log n)
+        // (plus emptied never-expiring blocks kept for refunds, at most one per
+        // remembered id).
+        if self.blocks.range((NEVER, 0)..).any(|(_, b)| b.left > 0) {
             return Expiry::Never;
         }
         let last_block = self
             .blocks
-            .keys()
-            .map(|&(at, _)| at)
-            .filter(|&at| at != NEVER)
-            .max();
+            .range(..(NEVER, 0))
+            .next_back()
+            .map(|(&(at, _), _)| at);
         let last_id = self.ids_by_time.last().map(|(at, _)| *at);
         match last_block.max(last_id) {
             Some(at) => Expiry::At(at),
@@ -888,5 +886,12 @@ mod tests {
         assert_eq!(c.expiry(), Expiry::At(1_010));
         assert!(grant(&mut c, 5, None, None, 20).is_ok());
         assert_eq!(c.expiry(), Expiry::Never);
+        // The never-expiring block emptied (kept for a refund) no longer pins the
+        // key: the latest expiring block does.
+        assert_eq!(deduct(&mut c, 9, false, Some("all"), 30), (9, 0));
+        assert_eq!(c.expiry(), Expiry::At(1_030));
+        assert!(grant(&mut c, 7, Some(3_000), None, 40).is_ok());
+        assert_eq!(c.live_blocks(40).count(), 1);
+        assert_eq!(c.expiry(), Expiry::At(3_000));
     }
 }

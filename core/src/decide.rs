@@ -506,12 +506,14 @@ pub fn commit(
     }
     let mut leases = Vec::new();
     let mut charges = Vec::new();
+    // Held apart from the subject so that slots can be read while words are written.
+    let layout = Arc::clone(&subject.layout);
     for limit in plan.limits.iter().filter(|l| l.applies_to(call.endpoint)) {
         let Some(slot) = slot_of(plan, limit, subject) else {
             continue;
         };
         let cost = cost_for(limit, call);
-        let slot_meta = subject.layout.slots().get(slot).cloned();
+        let slot_meta = layout.slots().get(slot);
         let words = subject.slot_words_mut(slot);
         let marker = match limit.spec.rule {
             Rule::Fixed { window, .. } => {
@@ -545,14 +547,14 @@ pub fn commit(
             }
             Rule::Concurrency { .. } => {
                 fixed::charge(words, 1);
-                leases.extend(slot_meta.map(|s| s.name));
+                leases.extend(slot_meta.map(|s| Arc::clone(&s.name)));
                 continue;
             }
             Rule::Cap { .. } => continue,
         };
         if let Some(slot) = slot_meta.filter(|_| verdict.takes_request) {
             charges.push(Charge {
-                slot,
+                slot: slot.clone(),
                 amount: cost,
                 marker,
             });
