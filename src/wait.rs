@@ -14,8 +14,10 @@
 //! - Inside MULTI/EXEC, scripts, or any context that forbids blocking, and with
 //!   `tollgate.max-waiters-per-key` 0, WAIT is 0.
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::os::raw::{c_char, c_int, c_void};
+use std::panic::AssertUnwindSafe;
 use std::ptr;
 
 use redis_module::raw;
@@ -24,6 +26,7 @@ use tollgate_core::limits::Admission;
 use crate::args::CmdError;
 use crate::commands::limits::{attempt, Attempted};
 use crate::commands::parse::{CallArgs, CostList};
+use crate::commands::INTERNAL_ERROR;
 use crate::server::{api, bytes_of, Ctx, RawString};
 use crate::state::{State, STATE};
 
@@ -261,6 +264,7 @@ fn wake_later(ctx: &Ctx, waiters: &mut Waiters, key: &KeyId, after_ms: u64) {
     if id == 0 {
         // SAFETY: no timer holds the data.
         drop(unsafe { Box::from_raw(data) });
+        waiters.timers.remove(key);
     }
 }
 
@@ -296,7 +300,9 @@ unsafe extern "C" fn on_ready(
 ) -> c_int {
     let keep_waiting = raw::REDISMODULE_ERR as c_int;
     let done = raw::REDISMODULE_OK as c_int;
-    std::panic::catch_unwind(|| {
+    // Set before any reply starts: a panic after it must not add a second reply.
+    let replying = Cell::new(false);
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
         let ctx = Ctx(ctx);
         let Some(waiter) = waiter_of(ctx.0) else {
             return done;
@@ -308,6 +314,7 @@ unsafe extern "C" fn on_ready(
             let attempted = match attempt(&ctx, state, &waiter.view(), true) {
                 Ok(a) => a,
                 Err(e) => {
+                    replying.set(true);
                     reply_error(&ctx, &e);
                     state.waiters.remove(&waiter.key_id, waiter.place);
                     wake_now(&ctx, &waiter.key_id);
@@ -320,6 +327,7 @@ unsafe extern "C" fn on_ready(
                     state.stats.waits_admitted += 1;
                 }
                 attempted.record(&ctx, &mut state.stats, waiter.key.0);
+                replying.set(true);
                 attempted.reply(&ctx, &state.outcomes);
                 state.waiters.remove(&waiter.key_id, waiter.place);
                 // The next in line may fit too.
@@ -335,10 +343,12 @@ unsafe extern "C" fn on_ready(
             Ok(Ok(true)) => done,
             _ => keep_waiting,
         }
-    })
+    }))
     .unwrap_or_else(|_| {
-        // A bug: answer rather than leave the client hanging.
-        Ctx(ctx).reply_error("ERR tollgate internal error (a bug: see the server log)");
+        // A bug: answer (once) rather than leave the client hanging.
+        if !replying.get() {
+            Ctx(ctx).reply_error(INTERNAL_ERROR);
+        }
         done
     })
 }
@@ -349,9 +359,11 @@ unsafe extern "C" fn on_timeout(
     _argv: *mut RawString,
     _argc: c_int,
 ) -> c_int {
-    let outcome = std::panic::catch_unwind(|| {
+    let replying = Cell::new(false);
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let ctx = Ctx(ctx);
         let Some(waiter) = waiter_of(ctx.0) else {
+            replying.set(true);
             ctx.reply_null();
             return;
         };
@@ -363,18 +375,23 @@ unsafe extern "C" fn on_timeout(
                     // It ends denied, whatever the limits would say now.
                     attempted.decided.verdict.admitted = false;
                     attempted.record(&ctx, &mut state.stats, waiter.key.0);
+                    replying.set(true);
                     reply_timed_out(&ctx, &attempted, &state.outcomes);
                 }
-                Err(e) => reply_error(&ctx, &e),
+                Err(e) => {
+                    replying.set(true);
+                    reply_error(&ctx, &e);
+                }
             }
             wake_now(&ctx, &waiter.key_id);
         });
         if replied.is_err() {
+            replying.set(true);
             ctx.reply_error("ERR tollgate internal error (module state busy)");
         }
-    });
-    if outcome.is_err() {
-        Ctx(ctx).reply_error("ERR tollgate internal error (a bug: see the server log)");
+    }));
+    if outcome.is_err() && !replying.get() {
+        Ctx(ctx).reply_error(INTERNAL_ERROR);
     }
     raw::REDISMODULE_OK as c_int
 }
@@ -400,7 +417,7 @@ unsafe extern "C" fn free_waiter(ctx: *mut raw::RedisModuleCtx, data: *mut c_voi
     }
     // SAFETY: `data` is the `Waiter` box given to `BlockClientOnKeys`, freed once here.
     let waiter = unsafe { Box::from_raw(data.cast::<Waiter>()) };
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let _ = STATE.with(|state| {
             if state.waiters.remove(&waiter.key_id, waiter.place) && !ctx.is_null() {
                 // It left the queue by disconnecting: whoever is next may go. This

@@ -107,6 +107,9 @@ pub struct Credits {
     pub next_seq: u64,
     total: u64,
     blocks: BTreeMap<BlockKey, Block>,
+    /// The blocks still holding credits, in consumption order: deductions and the
+    /// key's expiry skip emptied blocks (kept only for refunds) without a scan.
+    funded: BTreeSet<BlockKey>,
     block_ids: BTreeMap<Box<[u8]>, BlockKey>,
     ids: BTreeMap<Box<[u8]>, Remembered>,
     ids_by_time: BTreeSet<(u64, Box<[u8]>)>,
@@ -199,6 +202,7 @@ impl Credits {
 
     fn remove_block(&mut self, key: BlockKey) -> Option<Block> {
         let block = self.blocks.remove(&key)?;
+        self.funded.remove(&key);
         self.total = self.total.saturating_sub(block.left);
         self.block_ids.remove(&block.id);
         Some(block)
@@ -326,6 +330,7 @@ impl Credits {
             },
         );
         self.block_ids.insert(block_id, key);
+        self.funded.insert(key);
         self.total += amount;
         touched.blocks.push(key);
         let balance = self.total;
@@ -381,15 +386,15 @@ impl Credits {
         };
         let mut parts = Vec::new();
         let mut left_to_take = want;
-        let mut emptied = Vec::new();
-        for (&key, block) in self.blocks.iter_mut() {
+        let mut drained = Vec::new();
+        for &key in &self.funded {
             if left_to_take == 0 {
                 break;
             }
-            let take = block.left.min(left_to_take);
-            if take == 0 {
+            let Some(block) = self.blocks.get_mut(&key) else {
                 continue;
-            }
+            };
+            let take = block.left.min(left_to_take);
             block.left -= take;
             left_to_take -= take;
             touched.blocks.push(key);
@@ -397,12 +402,15 @@ impl Credits {
                 block.refs = block.refs.saturating_add(1);
                 parts.push((key, take));
             }
-            if block.left == 0 && block.refs == 0 {
-                emptied.push(key);
+            if block.left == 0 {
+                drained.push((key, block.refs == 0));
             }
         }
-        for key in emptied {
-            self.remove_block(key);
+        for (key, unreferenced) in drained {
+            self.funded.remove(&key);
+            if unreferenced {
+                self.remove_block(key);
+            }
         }
         self.total -= want - left_to_take;
         let balance = self.total;
@@ -472,6 +480,9 @@ impl Credits {
             if let Some(block) = self.blocks.get_mut(&block_key) {
                 let back = amount.min(block.granted - block.left);
                 block.left += back;
+                if block.left > 0 {
+                    self.funded.insert(block_key);
+                }
                 block.refs = block.refs.saturating_sub(1);
                 refunded += back;
                 touched.blocks.push(block_key);
@@ -497,10 +508,8 @@ impl Credits {
     /// else when the last block expires and the last id is forgotten.
     pub fn expiry(&self) -> crate::subject::Expiry {
         use crate::subject::Expiry;
-        // Blocks are ordered by expiry, never-expiring last: both lookups are O(log n)
-        // (plus emptied never-expiring blocks kept for refunds, at most one per
-        // remembered id).
-        if self.blocks.range((NEVER, 0)..).any(|(_, b)| b.left > 0) {
+        // Blocks are ordered by expiry, never-expiring last: both lookups are O(log n).
+        if self.funded.range((NEVER, 0)..).next().is_some() {
             return Expiry::Never;
         }
         let last_block = self
@@ -523,6 +532,9 @@ impl Credits {
         if let Some(block) = block {
             self.total = self.total.saturating_add(block.left);
             self.block_ids.insert(block.id.clone(), key);
+            if block.left > 0 {
+                self.funded.insert(key);
+            }
             self.blocks.insert(key, block);
         }
     }
@@ -893,5 +905,33 @@ mod tests {
         assert!(grant(&mut c, 7, Some(3_000), None, 40).is_ok());
         assert_eq!(c.live_blocks(40).count(), 1);
         assert_eq!(c.expiry(), Expiry::At(3_000));
+        // A refund into the emptied never-expiring block pins the key again.
+        assert_eq!(c.refund(b"all", 50, &mut Touched::default()), (9, 16));
+        assert_eq!(c.expiry(), Expiry::Never);
+    }
+
+    #[test]
+    fn emptied_blocks_kept_for_refunds_are_skipped_and_refilled() {
+        let mut c = Credits::new();
+        for _ in 0..5 {
+            assert!(grant(&mut c, 1, None, None, 0).is_ok());
+        }
+        for i in 0..5 {
+            assert_eq!(
+                deduct(&mut c, 1, false, Some(&format!("r{i}")), 1),
+                (1, 4 - i)
+            );
+        }
+        assert_eq!(
+            c.block_count(),
+            5,
+            "each emptied block is kept for its refund"
+        );
+        assert_eq!(deduct(&mut c, 1, true, None, 1), (0, 0));
+        assert_eq!(c.refund(b"r2", 2, &mut Touched::default()), (1, 1));
+        assert_eq!(deduct(&mut c, 1, false, None, 3), (1, 0));
+        assert_eq!(c.refund(b"r3", 4, &mut Touched::default()), (1, 1));
+        let left: Vec<u64> = c.live_blocks(4).map(|(_, left, ..)| left).collect();
+        assert_eq!(left, [1]);
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::codec::{bad, DecodeError, Reader, Writer};
-use crate::spec::{is_valid_name, MAX_PRECISION};
+use crate::spec::{is_valid_name, LEASE_UNIT, MAX_PRECISION};
 use crate::time::{FixedWindow, Span, MAX_WINDOW_MONTHS, MAX_WINDOW_MS};
 
 /// Most slots one subject may hold (limits of every plan that charged it recently).
@@ -126,10 +126,14 @@ impl Slot {
         if !is_valid_name(name) || !is_valid_name(unit) {
             return bad("invalid slot name or unit");
         }
+        let shape = Shape::decode(r)?;
+        if shape == Shape::Concurrency && unit != LEASE_UNIT {
+            return bad("a concurrency slot counts leases");
+        }
         Ok(Slot {
             name: Arc::from(name),
             unit: Arc::from(unit),
-            shape: Shape::decode(r)?,
+            shape,
         })
     }
 }
@@ -231,13 +235,8 @@ impl Layout {
         let mut slots: Vec<Slot> = Vec::with_capacity(n);
         for _ in 0..n {
             let slot = Slot::decode(r)?;
-            let twice = slots.iter().any(|s| {
-                *s == slot
-                    || (s.shape == Shape::Concurrency
-                        && slot.shape == Shape::Concurrency
-                        && s.name == slot.name)
-            });
-            if twice {
+            // Concurrency slots all count leases, so one name has at most one.
+            if slots.contains(&slot) {
                 return bad(format!("slot '{}' appears twice", slot.name));
             }
             slots.push(slot);
@@ -289,9 +288,14 @@ mod tests {
     use super::*;
 
     fn slot(name: &str, shape: Shape) -> Slot {
+        let unit = if shape == Shape::Concurrency {
+            LEASE_UNIT
+        } else {
+            "request"
+        };
         Slot {
             name: Arc::from(name),
-            unit: Arc::from("request"),
+            unit: Arc::from(unit),
             shape,
         }
     }
@@ -412,10 +416,11 @@ mod tests {
         assert_eq!(layout.find(&sliding), Some(1));
         assert!(round_trip(vec![fixed.clone(), fixed]).is_err());
         let lease = slot("c", Shape::Concurrency);
+        assert!(round_trip(vec![lease.clone(), lease.clone()]).is_err());
         let other_unit = Slot {
             unit: Arc::from("job"),
-            ..lease.clone()
+            ..lease
         };
-        assert!(round_trip(vec![lease, other_unit]).is_err());
+        assert!(round_trip(vec![other_unit]).is_err());
     }
 }

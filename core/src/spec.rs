@@ -14,6 +14,8 @@ use crate::time::{parse_span, FixedWindow, Span, MS_PER_SECOND};
 
 /// The unit a limit counts when none is named.
 pub const DEFAULT_UNIT: &str = "request";
+/// The unit of concurrency limits: they count leases.
+pub const LEASE_UNIT: &str = "lease";
 /// Slices per sliding window when `precision` is not given.
 pub const DEFAULT_PRECISION: u32 = 10;
 /// Most slices a sliding window may have (its memory is one word per slice).
@@ -247,7 +249,7 @@ pub fn parse_limit_spec(text: &str) -> Result<LimitSpec, String> {
                 let span = parse_span(tokens.next().ok_or("ttl needs a duration")?)?;
                 ttl_ms = Some(window_ms("concurrency ttl", span)?);
             }
-            unit = "lease".into();
+            unit = LEASE_UNIT.into();
             Rule::Concurrency { max, ttl_ms }
         }
         "cap" => {

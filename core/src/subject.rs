@@ -185,8 +185,7 @@ impl Subject {
         let old = Arc::clone(&self.layout);
         let mut slots: Vec<_> = plan.layout.slots().to_vec();
         for (i, slot) in old.slots().iter().enumerate() {
-            let busy = self.slot_words(i).iter().any(|&w| w != 0);
-            if busy && !slots.contains(slot) {
+            if self.slot_busy(i, slot.shape) && !slots.contains(slot) {
                 slots.push(slot.clone());
             }
         }
@@ -205,6 +204,36 @@ impl Subject {
         true
     }
 
+    /// The instant slot `i` (of `shape`) holds no usage from; `None` if it holds none.
+    /// Leases are not counted here: their requests' expiry is.
+    fn slot_idle_at(&self, i: usize, shape: Shape) -> Option<u64> {
+        let words = self.slot_words(i);
+        match shape {
+            Shape::Fixed { window } => fixed::idle_at(words, window, self.updated_ms),
+            Shape::Sliding {
+                window_ms,
+                precision,
+            } => Slices {
+                window_ms,
+                precision,
+            }
+            .idle_at(words, self.updated_ms),
+            Shape::Bucket { .. } => Bucket::idle_at(words),
+            Shape::Concurrency => None,
+        }
+    }
+
+    /// Whether slot `i` still holds usage at `updated_ms` (a refilled bucket keeps
+    /// non-zero words but holds none).
+    fn slot_busy(&self, i: usize, shape: Shape) -> bool {
+        match shape {
+            Shape::Concurrency => self.slot_words(i).first().is_some_and(|&n| n > 0),
+            _ => self
+                .slot_idle_at(i, shape)
+                .is_some_and(|at| at > self.updated_ms),
+        }
+    }
+
     /// When the key may expire: the latest instant any slot or request is busy until.
     pub fn expiry(&self) -> Expiry {
         if self.assigned().is_some() {
@@ -217,22 +246,7 @@ impl Subject {
             .filter(|&k| k > 0);
         let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry).max(keep);
         for (i, slot) in self.layout.slots().iter().enumerate() {
-            let words = self.slot_words(i);
-            let idle = match slot.shape {
-                Shape::Fixed { window } => fixed::idle_at(words, window, self.updated_ms),
-                Shape::Sliding {
-                    window_ms,
-                    precision,
-                } => Slices {
-                    window_ms,
-                    precision,
-                }
-                .idle_at(words, self.updated_ms),
-                Shape::Bucket { .. } => Bucket::idle_at(words),
-                // Leases are counted in the requests' expiry above.
-                Shape::Concurrency => None,
-            };
-            latest = latest.max(idle);
+            latest = latest.max(self.slot_idle_at(i, slot.shape));
         }
         latest.map_or(Expiry::Idle, Expiry::At)
     }

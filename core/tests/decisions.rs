@@ -438,3 +438,16 @@ fn settling_after_a_plan_change_touches_only_the_counter_charged() {
     h.plan("p", &[("tpm", "fixed 1000 token/1m")]);
     assert_eq!(h.peek("p", 0).remaining("tpm"), 900);
 }
+
+#[test]
+fn refilled_buckets_of_other_plans_do_not_pile_up() {
+    let mut h = Harness::new(T);
+    for i in 1..=300u64 {
+        let name = format!("b{i}");
+        h.plan(&name, &[("tb", &*format!("bucket 10/{i}s"))]);
+        assert!(h.acquire(&name, 1).allowed(), "call {i}");
+        h.advance(i * 1_000);
+    }
+    let held = h.subject.as_ref().map_or(0, |s| s.layout.len());
+    assert!(held <= 2, "the subject holds {held} slots");
+}

@@ -22,6 +22,9 @@ pub mod parse;
 pub mod plans;
 pub mod requests;
 
+/// What a client gets when a command panics (caught at the boundary; a bug).
+pub const INTERNAL_ERROR: &str = "ERR tollgate internal error (a bug: see the server log)";
+
 pub type Handler = fn(&Ctx, Args<'_>) -> CmdResult;
 
 /// Runs a handler for one call: errors become replies, panics become `ERR`.
@@ -54,7 +57,7 @@ pub fn run(
             ctx.reply_error("WRONGTYPE Operation against a key holding the wrong kind of value")
         }
         Ok(Err(CmdError::Reply(text))) => ctx.reply_error(&text),
-        Err(_) => ctx.reply_error("ERR tollgate internal error (a bug: see the server log)"),
+        Err(_) => ctx.reply_error(INTERNAL_ERROR),
     }
     raw::REDISMODULE_OK as c_int
 }
