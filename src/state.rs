@@ -6,11 +6,13 @@
 //! [`MainThread`] cell rather than behind a lock.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tollgate_core::decide::{Outcome, Settings};
 use tollgate_core::layout::LayoutInterner;
-use tollgate_core::plan::Plans;
+use tollgate_core::plan::{Plan, Plans};
 
 /// Counters reported by `INFO tollgate`.
 #[derive(Debug, Default, Clone)]
@@ -47,6 +49,8 @@ pub struct State {
     pub payload: Vec<u8>,
     /// Clients blocked in `RL.ACQUIRE ... WAIT`.
     pub waiters: crate::wait::Waiters,
+    /// `RL.THROTTLE`'s one-limit plans, by `(count, window_ms, burst)`.
+    pub throttle_plans: HashMap<(u64, u64, u64), Arc<Plan>>,
 }
 
 /// A value only touched from Redis's main thread.
@@ -88,6 +92,7 @@ pub fn init() {
         settings: Settings::default(),
         outcomes: Vec::with_capacity(16),
         payload: Vec::with_capacity(256),
+        throttle_plans: HashMap::new(),
         waiters: crate::wait::Waiters::default(),
     });
 }

@@ -4,8 +4,11 @@
 //! Every write to a subject goes through [`write_back`], so persistence, expiry and
 //! replication are decided in one place.
 
+use std::sync::Arc;
+
 use tollgate_core::credits::{Credits, Touched};
 use tollgate_core::delta::{CreditsDeltaWriter, DeltaWriter, KeyExpiry};
+use tollgate_core::layout::Layout;
 use tollgate_core::subject::{Expiry, Subject};
 
 use crate::args::CmdError;
@@ -26,6 +29,20 @@ pub fn open_subject(ctx: &Ctx, name: RawString, write: bool) -> Result<Key, CmdE
 /// The subject in an open key (checked with [`open_subject`]).
 pub fn subject_in(key: &Key) -> Option<&mut Subject> {
     key.value_mut::<Subject>(&SUBJECT_TYPE)
+}
+
+/// The subject in an open key, or a new one kept in `fresh` (laid out as `layout()`
+/// and stored by [`write_back`]) when the key is empty.
+pub fn subject_or_new<'a>(
+    key: &'a Key,
+    fresh: &'a mut Option<Box<Subject>>,
+    layout: impl FnOnce() -> Arc<Layout>,
+    now: u64,
+) -> &'a mut Subject {
+    match subject_in(key) {
+        Some(s) => s,
+        None => fresh.insert(Box::new(Subject::new(layout(), now))),
+    }
 }
 
 /// How many requests a subject holds (for the in-flight counter).
@@ -192,15 +209,13 @@ pub fn keep_alive(
 ) -> Result<(), CmdError> {
     let key = open_subject(ctx, name, true)?;
     let mut fresh: Option<Box<Subject>> = None;
-    let subject: &mut Subject = match subject_in(&key) {
-        Some(s) => s,
-        None => {
-            let empty = state
-                .interner
-                .intern(tollgate_core::layout::Layout::empty());
-            fresh.insert(Box::new(Subject::new(empty, ctx.now_ms())))
-        }
-    };
+    let interner = &mut state.interner;
+    let subject = subject_or_new(
+        &key,
+        &mut fresh,
+        || interner.intern(Layout::empty()),
+        ctx.now_ms(),
+    );
     let extra = subject.extra_mut();
     if extra.keep_until >= until {
         return Ok(());

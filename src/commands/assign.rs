@@ -1,15 +1,13 @@
 //! `RL.ASSIGN` / `RL.UNASSIGN`: the plan a subject's `*` resolves to, kept with the
 //! subject (an assigned subject keeps its key until unassigned).
 
-use std::sync::Arc;
-
 use tollgate_core::layout::Layout;
 use tollgate_core::subject::Subject;
 
 use crate::args::{Args, CmdError, CmdResult};
 use crate::server::Ctx;
 use crate::state::STATE;
-use crate::store::{open_subject, subject_in, write_back, Change};
+use crate::store::{open_subject, subject_in, subject_or_new, write_back, Change};
 
 fn busy(e: &str) -> CmdError {
     CmdError::err(e)
@@ -37,13 +35,13 @@ pub fn assign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             }
             let key = open_subject(ctx, name, true)?;
             let mut fresh: Option<Box<Subject>> = None;
-            let subject: &mut Subject = match subject_in(&key) {
-                Some(s) => s,
-                None => {
-                    let empty: Arc<Layout> = state.interner.intern(Layout::empty());
-                    fresh.insert(Box::new(Subject::new(empty, ctx.now_ms())))
-                }
-            };
+            let interner = &mut state.interner;
+            let subject = subject_or_new(
+                &key,
+                &mut fresh,
+                || interner.intern(Layout::empty()),
+                ctx.now_ms(),
+            );
             subject.extra_mut().assigned = Some(plan.into());
             write_back(
                 ctx,

@@ -18,7 +18,7 @@ use crate::reply::{clamp, reply_decision, Extras};
 use crate::server::{Ctx, Key, RawString};
 use crate::state::{track_requests, State, Stats, STATE};
 use crate::store::{
-    credits_in, open_credits, open_subject, requests_len, subject_in, write_back,
+    credits_in, open_credits, open_subject, requests_len, subject_in, subject_or_new, write_back,
     write_back_credits, Change,
 };
 
@@ -261,15 +261,7 @@ pub fn attempt(
     let decided = &attempted.decided;
     attempted.by_fallback = !Arc::ptr_eq(&decided.plan, &requested);
     if attempted.admitted() {
-        let id = charge_subject(
-            ctx,
-            (&key, parsed.key),
-            subject,
-            decided,
-            &call,
-            interner,
-            payload,
-        )?;
+        let id = charge_subject(ctx, (&key, parsed.key), decided, &call, interner, payload)?;
         if let Some((ckey, name, amount)) = &credits_key {
             attempted.credits = Some(charge_credits(
                 ctx, ckey, *name, *amount, call.id, clock, payload,
@@ -288,23 +280,21 @@ pub fn attempt(
 fn charge_subject(
     ctx: &Ctx,
     (key, name): (&Key, RawString),
-    subject: Option<&mut Subject>,
     decided: &Decided,
     call: &Call<'_>,
     interner: &mut LayoutInterner,
     payload: &mut Vec<u8>,
 ) -> Result<Option<Box<[u8]>>, CmdError> {
     let verdict = &decided.verdict;
-    let had_requests = subject.as_deref().is_some_and(|s| s.requests().is_some());
-    let before = requests_len(subject.as_deref());
     let mut fresh: Option<Box<Subject>> = None;
-    let target: &mut Subject = match subject {
-        Some(s) => s,
-        None => fresh.insert(Box::new(Subject::new(
-            Arc::clone(&decided.plan.layout),
-            verdict.now,
-        ))),
-    };
+    let target = subject_or_new(
+        key,
+        &mut fresh,
+        || Arc::clone(&decided.plan.layout),
+        verdict.now,
+    );
+    let had_requests = target.requests().is_some();
+    let before = requests_len(Some(target));
     let id = decide::commit(&decided.plan, target, call, verdict, interner).map_err(
         |CommitError::TooManySlots| {
             CmdError::err(format_args!(
@@ -346,6 +336,34 @@ fn charge_credits(
     Ok(balance)
 }
 
+/// Most distinct `RL.THROTTLE` parameter sets kept compiled; past it the cache starts
+/// over (a client cycling through parameters costs a compile per call, nothing more).
+const MAX_THROTTLE_PLANS: usize = 1_024;
+
+/// The one-limit plan of `RL.THROTTLE` with these parameters, compiled once.
+fn throttle_plan(
+    state: &mut State,
+    count: u64,
+    window_ms: u64,
+    burst: u64,
+) -> Result<Arc<Plan>, CmdError> {
+    let params = (count, window_ms, burst);
+    if let Some(plan) = state.throttle_plans.get(&params) {
+        return Ok(Arc::clone(plan));
+    }
+    let fields = vec![(
+        Box::<str>::from("throttle"),
+        format!("bucket {count}/{window_ms}ms burst {burst}").into_boxed_str(),
+    )];
+    let plan =
+        Arc::new(Plan::compile("rl.throttle", fields, &mut state.interner).map_err(CmdError::err)?);
+    if state.throttle_plans.len() >= MAX_THROTTLE_PLANS {
+        state.throttle_plans.clear();
+    }
+    state.throttle_plans.insert(params, Arc::clone(&plan));
+    Ok(plan)
+}
+
 /// `RL.THROTTLE key max_burst count period [quantity]`: redis-cell's `CL.THROTTLE`.
 /// Replies `[limited, limit, remaining, retry_after_s, reset_after_s]`.
 pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
@@ -378,19 +396,7 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
         })?;
     STATE
         .with(|state| {
-            // A one-limit plan built from the arguments (interned, so its layout is
-            // shared by every key throttled with the same period).
-            let fields = [(
-                "throttle",
-                format!("bucket {count}/{window_ms}ms burst {burst}"),
-            )];
-            let pairs: Vec<(Box<str>, Box<str>)> = fields
-                .iter()
-                .map(|(f, v)| (Box::<str>::from(*f), Box::<str>::from(v.as_str())))
-                .collect();
-            let plan =
-                Plan::compile("rl.throttle", pairs, &mut state.interner).map_err(CmdError::err)?;
-            let plan = Arc::new(plan);
+            let plan = throttle_plan(state, count, window_ms, burst)?;
             let key = open_subject(ctx, key_name, true)?;
             let subject = subject_in(&key);
             let call = Call {
@@ -416,7 +422,6 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                 charge_subject(
                     ctx,
                     (&key, key_name),
-                    subject,
                     &decided,
                     &call,
                     &mut state.interner,
