@@ -43,6 +43,18 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// A fresh, empty directory for one server.
+fn new_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-test-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the server directory");
+    dir
+}
+
 /// A running server; killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -60,13 +72,18 @@ impl Server {
 
     /// A server with extra `--name value` arguments.
     pub fn start_with(extra: &[&str]) -> Server {
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-test-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the server directory");
+        Server::start_in(new_dir(), extra)
+    }
+
+    /// A server that starts from a copy of the RDB file `rdb` (loaded at start-up).
+    pub fn start_from_rdb(rdb: &Path, extra: &[&str]) -> Server {
+        let dir = new_dir();
+        std::fs::copy(rdb, dir.join("dump.rdb"))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", rdb.display()));
+        Server::start_in(dir, extra)
+    }
+
+    fn start_in(dir: PathBuf, extra: &[&str]) -> Server {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Server::launch(dir, args)
     }

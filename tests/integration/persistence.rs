@@ -247,3 +247,72 @@ fn refuses_to_load_when_aof_rewrites_would_lose_plans() {
     let log = String::from_utf8_lossy(&output.stdout);
     assert!(log.contains("aof-use-rdb-preamble is 'no'"), "log: {log}");
 }
+
+/// The encodings saved by the first release (`rlsubject` v1, `rlcredits` v1, plans aux
+/// v1), made as tests/fixtures/README.md says, still load and keep working.
+#[test]
+fn an_rdb_saved_by_encoding_version_1_still_loads() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encodings-v1.rdb");
+    let server = Server::start_from_rdb(&fixture, &[]);
+    let mut con = server.client();
+    assert!(
+        server.log().contains("DB loaded from disk"),
+        "{}",
+        server.log()
+    );
+    let plans: Vec<String> = redis::cmd("RL.PLAN.LIST").query(&mut con).unwrap();
+    assert_eq!(plans, ["scoped", "tenyear"]);
+    assert_eq!(string(&mut con, &["RL.PLAN.DEFAULT"]), "tenyear");
+    let scoped = map_of(&run(&mut con, &["RL.PLAN.GET", "scoped"]));
+    assert_eq!(text(&scoped["chat"]), "fixed 5/120mo for chat");
+    assert_eq!(text(&scoped["fallback"]), "tenyear");
+    assert_eq!(string(&mut con, &["RL.ASSIGN", "user:1"]), "tenyear");
+    assert_eq!(int(&mut con, &["TTL", "user:1"]), -1);
+    // Usage carried by the file: 3 requests, 400 tokens, two leases in flight.
+    let d = decision(&mut con, &["RL.PEEK", "user:1", "*", "0"]);
+    assert_eq!(d.remaining("rpy"), 97);
+    assert_eq!(d.remaining("slide"), 997);
+    assert_eq!(d.remaining("tok"), 4600);
+    // Settling the reservation made before the save refunds into the same window.
+    let released = map_of(&run(
+        &mut con,
+        &["RL.RELEASE", "user:1", "req-1", "COST", "token", "100"],
+    ));
+    assert_eq!(int_of(&released["released"]), 1);
+    let d = decision(&mut con, &["RL.PEEK", "user:1", "*", "0"]);
+    assert_eq!(d.remaining("tok"), 4800);
+    let d = decision(
+        &mut con,
+        &["RL.PEEK", "user:2", "scoped", "ENDPOINT", "chat"],
+    );
+    assert_eq!(d.remaining("chat"), 3);
+    assert_eq!(int(&mut con, &["RL.CREDITS.BALANCE", "credits:1"]), 4490);
+    // The remembered deduction can still be refunded, once.
+    let refund = run(&mut con, &["RL.CREDITS.REFUND", "credits:1", "ded-1"]);
+    assert_eq!(refund, run_value_pair(1200, 5690));
+    assert_eq!(
+        run(
+            &mut con,
+            &["RL.CREDITS.GRANT", "credits:1", "700", "ID", "grant-b"]
+        ),
+        Value::Int(5700),
+        "a remembered grant answers its first result"
+    );
+    assert_eq!(int(&mut con, &["RL.CREDITS.BALANCE", "credits:1"]), 5690);
+    // Everything saves and loads again in the current encoding.
+    let before = digest(&mut con);
+    run(&mut con, &["DEBUG", "RELOAD"]);
+    assert_eq!(digest(&mut con), before);
+}
+
+fn run_value_pair(a: i64, b: i64) -> Value {
+    Value::Array(vec![Value::Int(a), Value::Int(b)])
+}
+
+fn int_of(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        other => panic!("not an integer: {other:?}"),
+    }
+}
