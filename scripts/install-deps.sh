@@ -7,7 +7,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if ! command -v redis-cli >/dev/null 2>&1 || ! command -v redis-benchmark >/dev/null 2>&1; then
     missing+=(redis-tools)
 fi
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+# What bindgen loads (libclang.so*, libclang-N.so*), not libclang-cpp.so.N, which
+# images ship without libclang (scripts/find-libclang.sh mirrors bindgen's search).
+if ! "$(dirname "$0")/find-libclang.sh" >/dev/null; then
     missing+=(libclang-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,6 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" libclang-dev "* ]] && ! "$(dirname "$0")/find-libclang.sh" >/dev/null; then
+        echo "libclang-dev is installed but bindgen would still find no libclang;" \
+            "set LIBCLANG_PATH to the directory holding libclang.so" >&2
+        exit 1
+    fi
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo is not installed: install Rust (https://rustup.rs) and try again" >&2
