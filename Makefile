@@ -62,8 +62,10 @@ fmt: ## Format the code
 clippy: deps ## Lint with warnings as errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-check: clippy test ## fmt check, clippy -D warnings, then every test
+check: ## What CI runs: fmt check (first: fails fast), clippy -D warnings, then every test
 	$(CARGO) fmt --all -- --check
+	@$(MAKE) --no-print-directory clippy
+	@$(MAKE) --no-print-directory test
 
 bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches
 	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
