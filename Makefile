@@ -9,6 +9,7 @@ RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
 DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 
 .PHONY: help deps valkey build release run stop cluster cluster-stop test test-scripts test-unit test-integration check fmt clippy bench bench-cluster clean
+.PHONY: test-python
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -46,12 +47,19 @@ test: test-scripts deps valkey build ## Run every test: scripts, unit, property,
 	else \
 		echo "== valkey-server not found (make valkey installs it into .venv): integration suite ran against redis-server only"; \
 	fi
+	@$(MAKE) --no-print-directory test-python
 
 test-scripts: ## Tests of the scripts (libclang detection on fixture directories)
 	@scripts/test-find-libclang.sh
 
 test-unit: ## Unit and property tests of the core only (no server)
 	$(CARGO) test -p tollgate-core
+
+test-python: deps ## The Python client and ASGI middleware (clients/python) against real servers
+	$(CARGO) build -p tollgate
+	@py=$$(scripts/venv.sh clients/python/requirements-test.txt) && \
+	$$py -m pip install -q --no-build-isolation --no-deps --force-reinstall ./clients/python && \
+	cd clients/python && $$py -m pytest -q -p no:cacheprovider
 
 test-integration: build ## Integration tests against redis-server only
 	$(CARGO) test --test integration

@@ -1,0 +1,243 @@
+"""How commands reach the server, for a standalone `redis.Redis` or a
+`redis.cluster.RedisCluster` (sync) and their asyncio twins.
+
+Cluster: every keyed call is sent to the primary owning the subject key's slot,
+computed here (`redis.crc.key_slot`), on that node's own client -- one round trip,
+no `COMMAND GETKEYS`, and the three-part names (`RL.PLAN.*`, `RL.CREDITS.*`)
+that redis-py's cluster policy resolver refuses go through all the same. A
+`MOVED`/`ASK`/`TRYAGAIN` reply (resharding, failover) refreshes the slot table
+and tries again; a lost connection is retried only for calls that are safe to
+repeat.
+
+WAIT: a call with `WAIT` goes over a connection pool of its own (per node), with
+no socket timeout, so it never holds a connection other calls need and is never
+cut short by the client's `socket_timeout`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, List, Sequence
+
+from redis import exceptions as rex
+from redis.crc import key_slot
+
+_REDIRECTS = (rex.MovedError, rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+_LOST = (rex.ConnectionError, rex.TimeoutError, OSError)
+ATTEMPTS = 4
+
+
+def slot_of(key: Any) -> int:
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    elif isinstance(key, memoryview):
+        key = key.tobytes()
+    return key_slot(bytes(key))
+
+
+def _wait_pool_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(kwargs)
+    out["socket_timeout"] = None
+    return out
+
+
+def is_cluster(client: Any) -> bool:
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+def is_async_cluster(client: Any) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+class SyncTransport:
+    """Sends commands for `Limiter` (thread-safe, as redis-py's clients are)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.cluster = is_cluster(client)
+        self._wait_clients: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- standalone and cluster entry points -----------------------------------
+    def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
+        if not self.cluster:
+            return self.client.execute_command(*args)
+        return self._cluster(key, args, idempotent, wait=False)
+
+    def keyed_wait(self, key: Any, args: Sequence[Any]) -> Any:
+        if not self.cluster:
+            return self._wait_client("", self.client.connection_pool).execute_command(*args)
+        return self._cluster(key, args, False, wait=True)
+
+    def any(self, args: Sequence[Any]) -> Any:
+        """A keyless read (plans): any primary answers."""
+        if not self.cluster:
+            return self.client.execute_command(*args)
+        return self._on_primaries(args, every=False)[0]
+
+    def every_primary(self, args: Sequence[Any]) -> List[Any]:
+        """A keyless write that every primary must apply (plans)."""
+        if not self.cluster:
+            return [self.client.execute_command(*args)]
+        return self._on_primaries(args, every=True)
+
+    # -- cluster ----------------------------------------------------------------
+    def _wait_client(self, name: str, pool: Any) -> Any:
+        with self._lock:
+            client = self._wait_clients.get(name)
+            if client is None:
+                import redis
+
+                wait_pool = redis.ConnectionPool(
+                    connection_class=pool.connection_class,
+                    **_wait_pool_kwargs(pool.connection_kwargs),
+                )
+                client = redis.Redis(connection_pool=wait_pool)
+                self._wait_clients[name] = client
+            return client
+
+    def _refresh(self) -> None:
+        self.client.nodes_manager.initialize()
+
+    def _cluster(self, key: Any, args: Sequence[Any], idempotent: bool, wait: bool) -> Any:
+        slot = slot_of(key)
+        last: BaseException = rex.ClusterError("no attempt made")
+        for attempt in range(ATTEMPTS):
+            node = self.client.nodes_manager.get_node_from_slot(slot)
+            node_client = self.client.get_redis_connection(node)
+            if wait:
+                node_client = self._wait_client(node.name, node_client.connection_pool)
+            try:
+                return node_client.execute_command(*args)
+            except _REDIRECTS as exc:
+                last = exc
+            except _LOST as exc:
+                if not idempotent:
+                    raise
+                last = exc
+            if attempt:
+                time.sleep(0.05 * attempt)
+            self._refresh()
+        raise last
+
+    def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
+        last: BaseException = rex.ClusterError("no attempt made")
+        for attempt in range(ATTEMPTS):
+            primaries = self.client.get_primaries()
+            if not every:
+                primaries = primaries[:1]
+            try:
+                return [self.client.get_redis_connection(n).execute_command(*args) for n in primaries]
+            except _REDIRECTS + _LOST as exc:
+                # Plan commands are idempotent: setting a plan twice is harmless.
+                last = exc
+            if attempt:
+                time.sleep(0.05 * attempt)
+            self._refresh()
+        raise last
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._wait_clients = list(self._wait_clients.values()), {}
+        for client in clients:
+            client.connection_pool.disconnect()
+
+
+class AsyncTransport:
+    """Sends commands for `AsyncLimiter`."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.cluster = is_async_cluster(client)
+        self._wait_clients: Dict[str, Any] = {}
+
+    async def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
+        if not self.cluster:
+            return await self.client.execute_command(*args)
+        return await self._cluster(key, args, idempotent, wait=False)
+
+    async def keyed_wait(self, key: Any, args: Sequence[Any]) -> Any:
+        if not self.cluster:
+            pool = self.client.connection_pool
+            client = self._wait_client("", pool.connection_class, pool.connection_kwargs)
+            return await client.execute_command(*args)
+        return await self._cluster(key, args, False, wait=True)
+
+    async def any(self, args: Sequence[Any]) -> Any:
+        if not self.cluster:
+            return await self.client.execute_command(*args)
+        return (await self._on_primaries(args, every=False))[0]
+
+    async def every_primary(self, args: Sequence[Any]) -> List[Any]:
+        if not self.cluster:
+            return [await self.client.execute_command(*args)]
+        return await self._on_primaries(args, every=True)
+
+    def _wait_client(self, name: str, connection_class: Any, kwargs: Dict[str, Any]) -> Any:
+        client = self._wait_clients.get(name)
+        if client is None:
+            import redis.asyncio as aredis
+
+            pool = aredis.ConnectionPool(
+                connection_class=connection_class, **_wait_pool_kwargs(kwargs)
+            )
+            client = aredis.Redis(connection_pool=pool)
+            self._wait_clients[name] = client
+        return client
+
+    async def _refresh(self) -> None:
+        await self.client.nodes_manager.initialize()
+
+    async def _cluster(self, key: Any, args: Sequence[Any], idempotent: bool, wait: bool) -> Any:
+        import asyncio
+
+        await self.client.initialize()
+        slot = slot_of(key)
+        last: BaseException = rex.ClusterError("no attempt made")
+        for attempt in range(ATTEMPTS):
+            node = self.client.nodes_manager.get_node_from_slot(slot)
+            try:
+                if wait:
+                    kwargs = dict(node.connection_kwargs)
+                    client = self._wait_client(node.name, node.connection_class, kwargs)
+                    return await client.execute_command(*args)
+                return await node.execute_command(*args)
+            except _REDIRECTS as exc:
+                last = exc
+            except _LOST as exc:
+                if not idempotent:
+                    raise
+                last = exc
+            if attempt:
+                await asyncio.sleep(0.05 * attempt)
+            await self._refresh()
+        raise last
+
+    async def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
+        import asyncio
+
+        await self.client.initialize()
+        last: BaseException = rex.ClusterError("no attempt made")
+        for attempt in range(ATTEMPTS):
+            primaries = self.client.get_primaries()
+            if not every:
+                primaries = primaries[:1]
+            try:
+                return [await n.execute_command(*args) for n in primaries]
+            except _REDIRECTS + _LOST as exc:
+                last = exc
+            if attempt:
+                await asyncio.sleep(0.05 * attempt)
+            await self._refresh()
+        raise last
+
+    async def close(self) -> None:
+        clients, self._wait_clients = list(self._wait_clients.values()), {}
+        for client in clients:
+            await client.aclose()
+            await client.connection_pool.disconnect()

@@ -1,0 +1,105 @@
+"""HTTP headers from a decision.
+
+The rule for which limit feeds which header, when a plan has several:
+
+* `x-ratelimit-{limit,remaining,reset}-requests`: of the rate limits (`fixed`,
+  `sliding`, `bucket`) counting the unit `request`, the one with the least
+  `remaining` (ties: the longer `reset_ms`) -- the one a client will hit first.
+* `x-ratelimit-{limit,remaining,reset}-tokens`: the same among the rate limits
+  counting `token`.
+  Limits of every `ALSO` pair take part (an org's budget can be the tightest).
+  The reset is in OpenAI's duration format (`1s`, `6m0s`, `20ms`, `1h2m3.5s`).
+* `Retry-After` (whole seconds, rounded up) and `retry-after-ms` (exact, as the
+  OpenAI SDKs read it): only on a denial that can succeed later.
+* `RateLimit-Policy` / `RateLimit` (IETF draft-ietf-httpapi-ratelimit-headers):
+  one item per limit of the subject's plan, except `cap`: `"rpm";q=60;w=60` and
+  `"rpm";r=59;t=1`, `w` from `window_ms` (omitted when 0 or unknown), `t` the
+  reset rounded up to seconds; `qu="concurrent-requests"` for concurrency and
+  `qu="<unit>"` for units other than `request`. Limits of `ALSO` pairs are named
+  `"<plan>.<limit>"`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+from ._types import Decision, Limit, ceil_seconds
+
+
+def openai_duration(ms: int) -> str:
+    """Milliseconds in the duration format of OpenAI's `x-ratelimit-reset-*`
+    headers (Go's `time.Duration` notation): `0s`, `20ms`, `1s`, `1.5s`,
+    `6m0s`, `1h0m0s`."""
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    sec = str(seconds) if not millis else f"{seconds}.{millis:03d}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{sec}s"
+    if minutes:
+        return f"{minutes}m{sec}s"
+    return f"{sec}s"
+
+
+def tightest(limits: Iterable[Limit], unit: str) -> Optional[Limit]:
+    """The rate limit counting `unit` with the least remaining (ties: longest
+    reset), or None."""
+    best: Optional[Limit] = None
+    for lim in limits:
+        if lim.unit != unit or not lim.is_rate:
+            continue
+        if (
+            best is None
+            or lim.remaining < best.remaining
+            or (lim.remaining == best.remaining and lim.reset_ms > best.reset_ms)
+        ):
+            best = lim
+    return best
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ietf_items(decision: Decision) -> List[tuple]:
+    items = [(lim.name, lim) for lim in decision.limits]
+    for pair in decision.also:
+        items.extend((f"{pair.plan}.{lim.name}", lim) for lim in pair.limits)
+    return [(name, lim) for name, lim in items if lim.kind != "cap"]
+
+
+def decision_headers(
+    decision: Decision, *, token_unit: str = "token", request_unit: str = "request"
+) -> Dict[str, str]:
+    """The headers for `decision` (see the module docs for the rule)."""
+    out: Dict[str, str] = {}
+    every = decision.all_limits()
+    for suffix, unit in (("requests", request_unit), ("tokens", token_unit)):
+        lim = tightest(every, unit)
+        if lim is not None:
+            out[f"x-ratelimit-limit-{suffix}"] = str(lim.limit)
+            out[f"x-ratelimit-remaining-{suffix}"] = str(lim.remaining)
+            out[f"x-ratelimit-reset-{suffix}"] = openai_duration(lim.reset_ms)
+    if not decision.allowed and decision.retry_after_ms > 0:
+        out["retry-after"] = str(ceil_seconds(decision.retry_after_ms))
+        out["retry-after-ms"] = str(decision.retry_after_ms)
+    policies = []
+    states = []
+    for name, lim in _ietf_items(decision):
+        policy = f"{_quote(name)};q={lim.limit}"
+        if lim.window_ms:
+            policy += f";w={ceil_seconds(lim.window_ms)}"
+        if lim.kind == "concurrency" or lim.unit == "lease":
+            policy += ';qu="concurrent-requests"'
+        elif lim.unit != request_unit:
+            policy += f";qu={_quote(lim.unit)}"
+        policies.append(policy)
+        states.append(f"{_quote(name)};r={lim.remaining};t={ceil_seconds(lim.reset_ms)}")
+    if policies:
+        out["ratelimit-policy"] = ", ".join(policies)
+        out["ratelimit"] = ", ".join(states)
+    return out
