@@ -23,8 +23,9 @@ use crate::store::requests_len;
 
 /// Version of the subject encoding (passed back to `rdb_load`).
 pub const SUBJECT_ENCODING: i32 = 1;
-/// Version of the plans aux encoding.
-const PLANS_ENCODING: c_int = 1;
+/// Version of the plans aux encoding: 2 carries versions and tombstones (see
+/// `tollgate_core::registry`); 1 (no versions) still loads.
+const PLANS_ENCODING: c_int = 2;
 
 pub static SUBJECT_TYPE: RedisType = RedisType::new(
     "rlsubject",
@@ -187,23 +188,29 @@ unsafe extern "C" fn aux_load(io: *mut raw::RedisModuleIO, _encver: c_int, when:
             return err;
         }
         let version = api!(RedisModule_LoadUnsigned(io) else 0);
-        if api!(RedisModule_IsIOError(io) else 0) != 0 || version != PLANS_ENCODING as u64 {
+        if api!(RedisModule_IsIOError(io) else 0) != 0 || !matches!(version, 1 | 2) {
             crate::server::log_warning(&format!("unknown plans encoding {version}"));
             return err;
         }
         let Some(bytes) = load_buffer(io) else {
             return err;
         };
-        let loaded =
-            STATE.with(
-                |s| match Plans::decode(&mut Reader::new(&bytes), &mut s.interner) {
-                    Ok(plans) => {
-                        s.plans = plans;
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                },
-            );
+        let loaded = STATE.with(|s| {
+            let mut r = Reader::new(&bytes);
+            let plans = if version == 1 {
+                Plans::decode_v1(&mut r, &mut s.interner)
+            } else {
+                Plans::decode(&mut r, &mut s.interner)
+            };
+            let plans = plans.and_then(|p| r.finish().map(|()| p))?;
+            for (name, error) in plans.unusable() {
+                crate::server::log_warning(&format!(
+                    "plan '{name}' is loaded but cannot be used by this build: {error}"
+                ));
+            }
+            s.plans = plans;
+            Ok::<(), tollgate_core::codec::DecodeError>(())
+        });
         match loaded {
             Ok(Ok(())) => raw::REDISMODULE_OK as c_int,
             Ok(Err(e)) => {

@@ -13,6 +13,8 @@
 //!   period of a sliding limit, cut into **slices** ([`limits::sliding`]).
 //! - **debt**: how far a token bucket is below full ([`limits::bucket`]).
 //! - **lease**, **reservation**, **request**: see [`requests`].
+//! - **stamp**, **version**, **tombstone**: how plan changes are ordered and deletions
+//!   remembered so that every node converges, see [`registry`] and [`plansync`].
 
 pub mod codec;
 pub mod credits;
@@ -21,6 +23,8 @@ pub mod delta;
 pub mod layout;
 pub mod limits;
 pub mod plan;
+pub mod plansync;
+pub mod registry;
 pub mod requests;
 pub mod spec;
 pub mod subject;

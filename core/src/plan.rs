@@ -1,18 +1,19 @@
-//! Plans: named sets of limits, shaped and edited like Redis hashes, and the registry
-//! that holds them all.
+//! Plans: named sets of limits, shaped and edited like Redis hashes. The registry that
+//! holds them all, and keeps nodes of a cluster in agreement, is [`crate::registry`].
 //!
 //! A plan keeps its fields exactly as set (for `RL.PLAN.GET`) next to the compiled
 //! limits. Two field names are reserved: `fallback <plan>` and `mode enforce|shadow`.
 //! Every change is validated as a whole before anything is replaced, so a refused
 //! change leaves the registry as it was.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::codec::{bad, DecodeError, Reader, Writer};
 use crate::layout::{Layout, LayoutInterner, Shape, Slot};
 use crate::spec::{is_valid_name, parse_limit_spec, LimitSpec, Rule};
+
+/// The registry of all plans (see [`crate::registry`]).
+pub use crate::registry::Plans;
 
 /// Most limits one plan may hold.
 pub const MAX_LIMITS: usize = 32;
@@ -110,7 +111,7 @@ fn is_reserved(field: &str, word: &str) -> bool {
 
 /// Field names are compared exactly, except the reserved words, which ignore case
 /// (so `MODE` replaces `mode`).
-fn same_field(a: &str, b: &str) -> bool {
+pub(crate) fn same_field(a: &str, b: &str) -> bool {
     a == b
         || ["fallback", "mode"]
             .iter()
@@ -241,250 +242,10 @@ impl Plan {
     }
 }
 
-/// All plans of a server, plus the default plan.
-#[derive(Debug, Default)]
-pub struct Plans {
-    plans: HashMap<Box<str>, Arc<Plan>>,
-    default: Option<Box<str>>,
-    /// Bumped by every change; lets operators see that two nodes saw the same edits.
-    version: u64,
-}
-
-impl Plans {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Arc<Plan>> {
-        self.plans.get(name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.plans.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.plans.is_empty()
-    }
-
-    pub fn version(&self) -> u64 {
-        self.version
-    }
-
-    pub fn default_plan(&self) -> Option<&str> {
-        self.default.as_deref()
-    }
-
-    /// Names of all plans, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.plans.keys().map(|k| &**k).collect();
-        names.sort_unstable();
-        names
-    }
-
-    /// Sets fields like `HSET`: returns how many fields are new.
-    pub fn set(
-        &mut self,
-        name: &str,
-        pairs: &[(&str, &str)],
-        interner: &mut LayoutInterner,
-    ) -> Result<usize, PlanError> {
-        let mut fields: Vec<(Box<str>, Box<str>)> = self
-            .plans
-            .get(name)
-            .map(|p| p.fields.clone())
-            .unwrap_or_default();
-        let mut added = 0;
-        for &(field, value) in pairs {
-            let existing = fields.iter_mut().find(|(f, _)| same_field(f, field));
-            match existing {
-                Some((f, v)) => {
-                    *f = field.into();
-                    *v = value.into();
-                }
-                None => {
-                    fields.push((field.into(), value.into()));
-                    added += 1;
-                }
-            }
-        }
-        if !self.plans.contains_key(name) && self.plans.len() >= MAX_PLANS {
-            return Err(PlanError {
-                plan: name.into(),
-                field: None,
-                message: format!("cannot add a plan: the server already holds {MAX_PLANS}"),
-            });
-        }
-        let plan = Plan::compile(name, fields, interner)?;
-        self.check_no_cycle(&plan)?;
-        self.plans.insert(name.into(), Arc::new(plan));
-        self.version += 1;
-        Ok(added)
-    }
-
-    /// Deletes a whole plan (no fields given) or some of its fields, like `DEL`/`HDEL`.
-    /// A plan left without fields is deleted. Returns how many plans or fields went.
-    pub fn delete(
-        &mut self,
-        name: &str,
-        fields: &[&str],
-        interner: &mut LayoutInterner,
-    ) -> Result<usize, PlanError> {
-        let Some(plan) = self.plans.get(name) else {
-            return Ok(0);
-        };
-        if fields.is_empty() {
-            self.plans.remove(name);
-            self.version += 1;
-            return Ok(1);
-        }
-        let before = plan.fields.len();
-        let kept: Vec<(Box<str>, Box<str>)> = plan
-            .fields
-            .iter()
-            .filter(|(f, _)| !fields.iter().any(|g| same_field(f, g)))
-            .cloned()
-            .collect();
-        let removed = before - kept.len();
-        if removed == 0 {
-            return Ok(0);
-        }
-        if kept.is_empty() {
-            self.plans.remove(name);
-        } else {
-            let plan = Plan::compile(name, kept, interner)?;
-            self.check_no_cycle(&plan)?;
-            self.plans.insert(name.into(), Arc::new(plan));
-        }
-        self.version += 1;
-        Ok(removed)
-    }
-
-    /// Sets (or clears) the default plan. The plan need not exist yet; `*` resolves
-    /// to nothing while it does not.
-    pub fn set_default(&mut self, name: Option<&str>) -> Result<(), PlanError> {
-        if let Some(name) = name {
-            if !is_valid_name(name) || name == "*" {
-                return Err(PlanError {
-                    plan: name.into(),
-                    field: None,
-                    message: "is not a valid plan name".into(),
-                });
-            }
-        }
-        self.default = name.map(Into::into);
-        self.version += 1;
-        Ok(())
-    }
-
-    /// Refuses `candidate` if following fallbacks from it (with it in place) loops.
-    fn check_no_cycle(&self, candidate: &Plan) -> Result<(), PlanError> {
-        let mut seen: Vec<&str> = vec![&candidate.name];
-        let mut next = candidate.fallback.as_deref();
-        while let Some(name) = next {
-            if seen.contains(&name) {
-                seen.push(name);
-                return Err(PlanError {
-                    plan: candidate.name.to_string(),
-                    field: Some("fallback".into()),
-                    message: format!("fallback chain would loop: {}", seen.join(" -> ")),
-                });
-            }
-            seen.push(name);
-            next = if name == &*candidate.name {
-                candidate.fallback.as_deref()
-            } else {
-                self.plans.get(name).and_then(|p| p.fallback.as_deref())
-            };
-        }
-        Ok(())
-    }
-
-    /// Encodes every plan and the default (for RDB aux data).
-    pub fn encode(&self, w: &mut Writer) {
-        w.varint(self.version);
-        self.encode_content(w);
-    }
-
-    fn encode_content(&self, w: &mut Writer) {
-        match &self.default {
-            Some(d) => {
-                w.u8(1);
-                w.str(d);
-            }
-            None => w.u8(0),
-        }
-        let names = self.names();
-        w.varint(names.len() as u64);
-        for name in names {
-            if let Some(plan) = self.plans.get(name) {
-                w.str(name);
-                w.varint(plan.fields.len() as u64);
-                for (f, v) in &plan.fields {
-                    w.str(f);
-                    w.str(v);
-                }
-            }
-        }
-    }
-
-    /// Decodes plans written by [`Plans::encode`], validating every one again.
-    pub fn decode(r: &mut Reader<'_>, interner: &mut LayoutInterner) -> Result<Plans, DecodeError> {
-        let version = r.varint()?;
-        let default = match r.u8()? {
-            0 => None,
-            1 => Some(r.str()?.into()),
-            t => return bad(format!("bad default-plan tag {t}")),
-        };
-        let n = r.count(MAX_PLANS)?;
-        let mut plans = HashMap::with_capacity(n);
-        for _ in 0..n {
-            let name = r.str()?;
-            let nfields = r.count(4 * MAX_LIMITS)?;
-            let mut fields = Vec::with_capacity(nfields);
-            for _ in 0..nfields {
-                fields.push((Box::<str>::from(r.str()?), Box::<str>::from(r.str()?)));
-            }
-            let plan =
-                Plan::compile(name, fields, interner).map_err(|e| DecodeError(e.to_string()))?;
-            plans.insert(Box::<str>::from(name), Arc::new(plan));
-        }
-        Ok(Plans {
-            plans,
-            default,
-            version,
-        })
-    }
-
-    /// A digest of the plan set — plans, their fields (in name order) and the
-    /// default, not the version: equal on two nodes exactly when they hold the same
-    /// plans, whatever order the fields were set in. FNV-1a.
-    pub fn digest(&self) -> u64 {
-        let mut w = Writer::new();
-        w.str(self.default.as_deref().unwrap_or(""));
-        for name in self.names() {
-            if let Some(plan) = self.plans.get(name) {
-                w.str(name);
-                let mut fields: Vec<&(Box<str>, Box<str>)> = plan.fields.iter().collect();
-                fields.sort();
-                w.varint(fields.len() as u64);
-                for (f, v) in fields {
-                    w.str(f);
-                    w.str(v);
-                }
-            }
-        }
-        w.into_inner()
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{Reader, Writer};
 
     fn set(plans: &mut Plans, name: &str, pairs: &[(&str, &str)]) -> Result<usize, PlanError> {
         plans.set(name, pairs, &mut LayoutInterner::new())

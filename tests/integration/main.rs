@@ -20,6 +20,7 @@ mod leases;
 mod operating;
 mod persistence;
 mod plans;
+mod plansync;
 mod readme;
 mod replication;
 mod robustness;
