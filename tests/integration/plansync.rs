@@ -50,7 +50,11 @@ fn fixture(name: &str) -> std::path::PathBuf {
 fn plans_saved_in_encoding_1_still_load_and_are_saved_again_in_encoding_2() {
     let server = Server::start_from_rdb(&fixture("plans-v1.rdb"), &[]);
     let mut con = server.client();
-    assert!(server.log().contains("DB loaded from disk"), "{}", server.log());
+    assert!(
+        server.log().contains("DB loaded from disk"),
+        "{}",
+        server.log()
+    );
     let check = |con: &mut redis::Connection| {
         assert_eq!(plan_names(con), ["beta", "free", "pro"]);
         assert_eq!(
