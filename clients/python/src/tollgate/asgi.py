@@ -1,0 +1,417 @@
+"""ASGI middleware for Starlette and FastAPI: meter every request with Tollgate.
+
+    app.add_middleware(TollgateMiddleware, limiter=AsyncLimiter(redis), identify=who)
+
+For each HTTP request (under `paths`) it
+
+1. reads the body and asks `identify(request)` who pays: a `Subject` (key, plan,
+   endpoint, `also` levels, credits, priority), or None to let the request
+   through unmetered;
+2. estimates the cost with `costs.estimate(body)` (default `LLMCosts`: prompt
+   characters / 4 + `max_tokens`, in `token`) and calls `RL.ACQUIRE` with one
+   request, those costs and a fresh request id;
+3. on a denial answers with a JSON error (OpenAI's error shape): 429 with
+   `Retry-After` when it can succeed later, 413 when the cost can never fit the
+   plan, 403 when the plan does not allow the endpoint, 402 when the credits
+   key is short; with `enforce="queue"` it first waits up to `queue_ms`
+   (`WAIT`, with the subject's priority); with `enforce="degrade"` a denied
+   call is tried once more under `degrade_plan` (plans' own `fallback` chains
+   work in every mode);
+4. runs the app with the decision in `request.state.tollgate` (its `plan` says
+   which plan admitted the call, `degraded` whether it was a fallback), adds
+   the rate-limit headers (`Decision.headers()`) and `x-tollgate-plan` to the
+   response, heartbeats the lease while the response runs;
+5. settles when the response ends: on the upstream's `usage` found in a JSON
+   body or in an SSE stream (`costs.actual(usage, body)`); without usage, an
+   error response (status >= 400) refunds the estimate and a success keeps it;
+   a client that disconnects mid-stream releases the lease at once (keeping
+   the estimate unless usage was already seen).
+
+When Redis cannot be reached it logs one line (logger `tollgate`) and fails
+closed (503) by default, or open (`fail_open=True`: the request goes through
+unmetered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import uuid
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._types import Decision, Subject
+from .aio import AsyncLimiter
+from .costs import LLMCosts
+from .limiter import lease_ttl_ms
+
+logger = logging.getLogger("tollgate")
+
+Scope = Dict[str, Any]
+Message = Dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Identify = Callable[[Any], Union[Optional[Subject], Awaitable[Optional[Subject]]]]
+DegradePlan = Union[None, str, Mapping[str, str], Callable[[Subject], Optional[str]]]
+
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+MAX_USAGE_BODY = 8 * 1024 * 1024
+
+
+def decision_of(request: Any) -> Optional[Decision]:
+    """The decision that admitted this request (`request.state.tollgate`)."""
+    return getattr(getattr(request, "state", None), "tollgate", None)
+
+
+class _Usage:
+    """Finds `usage` in a response as it streams past: a JSON body, or SSE
+    events (OpenAI's last chunk with `stream_options.include_usage`, Anthropic's
+    `message_start` / `message_delta`)."""
+
+    def __init__(self, content_type: str) -> None:
+        self.sse = "text/event-stream" in content_type
+        self.json = "json" in content_type
+        self.buffer = bytearray()
+        self.usage: Dict[str, Any] = {}
+        self.model: Optional[str] = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.sse:
+            self.buffer += chunk
+            while True:
+                cut = self.buffer.find(b"\n")
+                if cut < 0:
+                    break
+                line = bytes(self.buffer[:cut]).strip()
+                del self.buffer[: cut + 1]
+                if line.startswith(b"data:"):
+                    self._event(line[5:].strip())
+        elif self.json and len(self.buffer) + len(chunk) <= MAX_USAGE_BODY:
+            self.buffer += chunk
+
+    def finish(self) -> None:
+        if self.sse and self.buffer.strip().startswith(b"data:"):
+            self._event(bytes(self.buffer).strip()[5:].strip())
+        elif self.json and self.buffer:
+            self._event(bytes(self.buffer))
+        self.buffer = bytearray()
+
+    def _event(self, data: bytes) -> None:
+        if not data or data == b"[DONE]":
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        for holder in (obj, obj.get("message"), obj.get("response")):
+            if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+                self.usage.update({k: v for k, v in holder["usage"].items() if v is not None})
+                if isinstance(holder.get("model"), str):
+                    self.model = holder["model"]
+
+    def found(self) -> Optional[Dict[str, Any]]:
+        if not self.usage:
+            return None
+        usage = dict(self.usage)
+        if self.model and "model" not in usage:
+            usage["model"] = self.model
+        return usage
+
+
+class TollgateMiddleware:
+    """See the module documentation."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        limiter: AsyncLimiter,
+        identify: Identify,
+        costs: Optional[Any] = None,
+        enforce: str = "reject",
+        queue_ms: int = 5000,
+        degrade_plan: DegradePlan = None,
+        fail_open: bool = False,
+        paths: Sequence[str] = ("/",),
+        ttl_ms: Optional[int] = None,
+        heartbeat_ms: Optional[int] = None,
+        redis_timeout_s: float = 5.0,
+    ) -> None:
+        if enforce not in ("reject", "queue", "degrade"):
+            raise ValueError("enforce must be 'reject', 'queue' or 'degrade'")
+        self.app = app
+        self.limiter = limiter
+        self.identify = identify
+        self.costs = costs if costs is not None else LLMCosts()
+        self.enforce = enforce
+        self.queue_ms = queue_ms
+        self.degrade_plan = degrade_plan
+        self.fail_open = fail_open
+        self.paths = tuple(paths)
+        self.ttl_ms = ttl_ms
+        self.heartbeat_ms = heartbeat_ms
+        self.redis_timeout_s = redis_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.paths):
+            await self.app(scope, receive, send)
+            return
+        body, disconnected = await _read_body(receive)
+        replay = _replay(body, receive, disconnected)
+        from starlette.requests import Request
+
+        request = Request(scope, replay)
+        subject = self.identify(request)
+        if inspect.isawaitable(subject):
+            subject = await subject
+        if subject is None:
+            await self.app(scope, replay, send)
+            return
+        parsed = _json(body)
+        costs = self.costs.estimate(parsed)
+        request_id = uuid.uuid4().hex
+        try:
+            decision = await self._decide(subject, costs, request_id)
+        except _UNREACHABLE as exc:
+            if self.fail_open:
+                logger.error("tollgate: Redis unreachable (%s): failing open, request not metered", exc)
+                await self.app(scope, replay, send)
+                return
+            logger.error("tollgate: Redis unreachable (%s): failing closed with 503", exc)
+            await _error(send, 503, "limiter_unavailable", "The rate limiter is unavailable; try again later.", {})
+            return
+        if not decision.allowed:
+            await _deny(send, decision)
+            return
+        await self._run(scope, replay, send, subject, decision, parsed, costs)
+
+    async def _decide(self, subject: Subject, costs: Mapping[str, int], request_id: str) -> Decision:
+        kwargs: Dict[str, Any] = dict(
+            costs=costs,
+            endpoint=subject.endpoint,
+            id=request_id,
+            ttl_ms=self.ttl_ms,
+            credits=subject.credits,
+            also=list(subject.also) or None,
+        )
+        if self.enforce == "queue":
+            kwargs["wait_ms"] = self.queue_ms
+            kwargs["priority"] = subject.priority
+        timeout = self.redis_timeout_s + (self.queue_ms / 1000.0 if self.enforce == "queue" else 0)
+        decision = await asyncio.wait_for(self.limiter.acquire(subject.key, subject.plan, **kwargs), timeout)
+        if not decision.allowed and self.enforce == "degrade" and not decision.never:
+            plan = self._degrade_plan(subject)
+            if plan and plan != subject.plan and plan != decision.plan:
+                second = await asyncio.wait_for(self.limiter.acquire(subject.key, plan, **kwargs), timeout)
+                if second.allowed:
+                    decision = dataclasses.replace(second, requested_plan=subject.plan)
+        return decision
+
+    def _degrade_plan(self, subject: Subject) -> Optional[str]:
+        d = self.degrade_plan
+        if d is None or isinstance(d, str):
+            return d
+        if callable(d):
+            return d(subject)
+        return d.get(subject.plan)
+
+    async def _run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        subject: Subject,
+        decision: Decision,
+        body: Any,
+        estimate: Mapping[str, int],
+    ) -> None:
+        scope.setdefault("state", {})
+        scope["state"]["tollgate"] = decision
+        scope["state"]["tollgate_subject"] = subject
+        headers = _header_list(decision)
+        state: Dict[str, Any] = {"status": 500, "usage": None, "ended": False}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                content_type = ""
+                for k, v in message.get("headers", ()):
+                    if k.lower() == b"content-type":
+                        content_type = v.decode("latin-1").lower()
+                state["usage"] = _Usage(content_type)
+                message = dict(message)
+                message["headers"] = list(message.get("headers", ())) + headers
+            elif message["type"] == "http.response.body":
+                tracker = state["usage"]
+                if tracker is not None:
+                    tracker.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    state["ended"] = True
+            await send(message)
+
+        beat = asyncio.ensure_future(self._heartbeat(subject, decision))
+        failed = True
+        try:
+            await self.app(scope, receive, send_with_headers)
+            failed = False
+        finally:
+            beat.cancel()
+            settle = asyncio.ensure_future(self._settle(subject, decision, body, estimate, state, failed))
+            try:
+                await asyncio.shield(settle)
+            except asyncio.CancelledError:
+                # The request task was cancelled: the settlement still runs to
+                # its end in the background.
+                raise
+
+    async def _heartbeat(self, subject: Subject, decision: Decision) -> None:
+        ttl = lease_ttl_ms(decision, self.ttl_ms)
+        interval = self.heartbeat_ms if self.heartbeat_ms is not None else max(ttl // 3, 1)
+        if not interval or decision.id is None:
+            return
+        while True:
+            await asyncio.sleep(interval / 1000.0)
+            try:
+                await self.limiter.touch(subject.key, decision.id, ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a missed beat is retried at the next one
+                logger.warning("tollgate: heartbeat of %s failed: %s", decision.id, exc)
+
+    async def _settle(
+        self,
+        subject: Subject,
+        decision: Decision,
+        body: Any,
+        estimate: Mapping[str, int],
+        state: Dict[str, Any],
+        failed: bool,
+    ) -> None:
+        if decision.id is None:
+            return
+        tracker = state["usage"]
+        usage = None
+        if tracker is not None:
+            if state["ended"]:
+                tracker.finish()
+            usage = tracker.found()
+        if usage is not None:
+            actual: Optional[Mapping[str, int]] = self.costs.actual(usage, body)
+        elif (failed or state["status"] >= 400) and not (tracker is not None and tracker.sse and not state["ended"]):
+            actual = {unit: 0 for unit in estimate}  # nothing was served: refund
+        else:
+            actual = None  # served, usage unknown (or the client left): keep the estimate
+        try:
+            await asyncio.wait_for(self.limiter.release(subject.key, decision.id, actual), self.redis_timeout_s)
+        except Exception as exc:
+            logger.error(
+                "tollgate: settling %s on %s failed (%s): the lease expires by itself", decision.id, subject.key, exc
+            )
+
+
+def _header_list(decision: Decision) -> List[Tuple[bytes, bytes]]:
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers().items()]
+    out.append((b"x-tollgate-plan", decision.plan.encode("utf-8")))
+    return out
+
+
+def status_of(decision: Decision) -> Tuple[int, str]:
+    """The HTTP status and error type for a denial: 403 endpoint, 402 credits,
+    413 never, else 429."""
+    if decision.denied_by == "endpoint":
+        return 403, "endpoint_not_allowed"
+    if decision.denied_by == "credits":
+        return 402, "insufficient_credits"
+    if decision.never:
+        return 413, "request_too_large"
+    return 429, "rate_limit_exceeded"
+
+
+async def _deny(send: Send, decision: Decision) -> None:
+    status, kind = status_of(decision)
+    if status == 429:
+        message = f"Rate limit reached: limit '{decision.denied_by}' of plan '{decision.plan}'. Retry after {decision.retry_after_ms} ms."
+    elif status == 413:
+        message = f"This request can never fit limit '{decision.denied_by}' of plan '{decision.plan}'."
+    elif status == 403:
+        message = f"Plan '{decision.plan}' does not allow this endpoint."
+    else:
+        message = "Not enough credits for this request."
+    extra = {
+        "limit": decision.denied_by,
+        "key": decision.denied_key,
+        "plan": decision.plan,
+        "retry_after_ms": decision.retry_after_ms,
+    }
+    headers = _header_list(decision)
+    if status != 429:
+        headers.append((b"x-should-retry", b"false"))
+    await _error(send, status, kind, message, extra, headers)
+
+
+async def _error(
+    send: Send,
+    status: int,
+    kind: str,
+    message: str,
+    extra: Mapping[str, Any],
+    headers: Optional[List[Tuple[bytes, bytes]]] = None,
+) -> None:
+    payload = {"error": {"message": message, "type": kind, "code": kind, "param": None, **extra}}
+    body = json.dumps(payload).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            + (headers or []),
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> Tuple[bytes, bool]:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), True
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+def _replay(body: bytes, receive: Receive, disconnected: bool) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            if disconnected:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _json(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
