@@ -72,6 +72,15 @@ class Upstream:
 
     def _answer(self, h: BaseHTTPRequestHandler, body: Dict[str, Any], user: str) -> None:
         fake = body.get("fake") or {}
+        if h.path.endswith("/images/generations"):
+            status = int(fake.get("status", 200))
+            payload = json.dumps({"created": int(time.time()), "data": [{"url": "https://example.invalid/1.png"}]})
+            h.send_response(status)
+            h.send_header("content-type", "application/json")
+            h.send_header("content-length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload.encode())
+            return
         out = int(fake.get("out", 10))
         delay = int(fake.get("delay_ms", 0)) / 1000.0
         chars = sum(len(m.get("content") or "") for m in body.get("messages", []))

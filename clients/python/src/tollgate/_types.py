@@ -208,6 +208,9 @@ class Subject:
     also: Tuple[Tuple[str, str], ...] = ()
     credits: Optional[Tuple[str, int]] = None
     priority: Optional[int] = None
+    #: Costs of this call, when the identify step knows them (e.g. one image):
+    #: the middleware then skips its estimate and charges these.
+    costs: Optional[Mapping[str, int]] = None
     #: Free-form data for the application (user id, tier, org), not sent.
     info: Mapping[str, object] = field(default_factory=dict)
 

@@ -8,7 +8,8 @@ For each HTTP request (under `paths`) it
    endpoint, `also` levels, credits, priority), or None to let the request
    through unmetered;
 2. estimates the cost with `costs.estimate(body)` (default `LLMCosts`: prompt
-   characters / 4 + `max_tokens`, in `token`) and calls `RL.ACQUIRE` with one
+   characters / 4 + `max_tokens`, in `token`; a `Subject` may carry its own
+   `costs` instead) and calls `RL.ACQUIRE` with one
    request, those costs and a fresh request id;
 3. on a denial answers with a JSON error (OpenAI's error shape): 429 with
    `Retry-After` when it can succeed later, 413 when the cost can never fit the
@@ -23,7 +24,8 @@ For each HTTP request (under `paths`) it
    response, heartbeats the lease while the response runs;
 5. settles when the response ends: on the upstream's `usage` found in a JSON
    body or in an SSE stream (`costs.actual(usage, body)`); without usage, an
-   error response (status >= 400) refunds the estimate and a success keeps it;
+   error response (status >= 400) refunds the estimate (and the credits) and a
+   success keeps it;
    a client that disconnects mid-stream releases the lease at once (keeping
    the estimate unless usage was already seen).
 
@@ -177,7 +179,7 @@ class TollgateMiddleware:
             await self.app(scope, replay, send)
             return
         parsed = _json(body)
-        costs = self.costs.estimate(parsed)
+        costs = dict(subject.costs) if subject.costs is not None else self.costs.estimate(parsed)
         request_id = uuid.uuid4().hex
         try:
             decision = await self._decide(subject, costs, request_id)
@@ -310,8 +312,12 @@ class TollgateMiddleware:
             actual = {unit: 0 for unit in estimate}  # nothing was served: refund
         else:
             actual = None  # served, usage unknown (or the client left): keep the estimate
+        refund_credits = actual is not None and usage is None and subject.credits is not None
         try:
             await asyncio.wait_for(self.limiter.release(subject.key, decision.id, actual), self.redis_timeout_s)
+            if refund_credits:
+                ckey = subject.credits[0]  # type: ignore[index]
+                await asyncio.wait_for(self.limiter.credits.refund(ckey, decision.id), self.redis_timeout_s)
         except Exception as exc:
             logger.error(
                 "tollgate: settling %s on %s failed (%s): the lease expires by itself", decision.id, subject.key, exc
