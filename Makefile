@@ -9,7 +9,7 @@ RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
 DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 
 .PHONY: help deps valkey build release run stop cluster cluster-stop test test-scripts test-unit test-integration check fmt clippy bench bench-cluster clean
-.PHONY: test-python
+.PHONY: test-python bench-python
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -78,9 +78,15 @@ check: ## What CI runs: fmt check (first: fails fast), clippy -D warnings, then 
 bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches
 	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
 	$(CARGO) bench -p tollgate-bench --bench decision -- --warm-up-time 1 --measurement-time 3
+	@$(MAKE) --no-print-directory bench-python
 
 bench-cluster: release ## RL.ACQUIRE throughput on 1, 2 and 3 cluster primaries, and per-node cost
 	$(CARGO) run --release -p tollgate-bench -- cluster $(RELEASE_SO)
+
+bench-python: release ## Python client overhead per decision; the example app's requests/s with and without the middleware
+	@py=$$(scripts/venv.sh clients/python/requirements-test.txt) && \
+	$$py -m pip install -q --no-build-isolation --no-deps --force-reinstall ./clients/python && \
+	cd clients/python/bench && $$py bench.py $(RELEASE_SO)
 
 clean: stop ## Remove build output and run state
 	$(CARGO) clean

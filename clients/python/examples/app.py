@@ -86,9 +86,8 @@ def identify(request: Request):
 
 
 limiter = AsyncLimiter(redis.from_url(REDIS_URL))
-upstream = httpx.AsyncClient(
-    base_url=UPSTREAM_URL, headers={"authorization": f"Bearer {UPSTREAM_KEY}"}, timeout=600
-)
+auth = {"authorization": f"Bearer {UPSTREAM_KEY}"} if UPSTREAM_KEY else {}
+upstream = httpx.AsyncClient(base_url=UPSTREAM_URL, headers=auth, timeout=600)
 
 
 @asynccontextmanager
