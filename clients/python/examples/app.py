@@ -113,7 +113,7 @@ async def relay(request: Request, path: str) -> StreamingResponse:
 
     async def chunks():
         try:
-            async for chunk in reply.aiter_raw():
+            async for chunk in reply.aiter_bytes():  # decoded, should the upstream gzip
                 yield chunk
         finally:
             await reply.aclose()

@@ -172,7 +172,7 @@ def gateway(upstream_url: str, **middleware: Any) -> FastAPI:
 
         async def relay() -> Any:
             try:
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.aiter_bytes():
                     yield chunk
             finally:
                 await upstream.aclose()
