@@ -1,0 +1,189 @@
+"""Pure parts, no server: reply normalisation, the header rule, OpenAI durations,
+cost estimates for OpenAI/Anthropic bodies, and usage found in JSON and SSE."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tollgate import Decision, Limit, SubjectLimits, openai_duration
+from tollgate._protocol import decision_args, parse_decision, parse_release
+from tollgate.asgi import _Usage, status_of
+from tollgate.costs import LLMCosts, usage_tokens
+
+
+@pytest.mark.parametrize(
+    "ms, text",
+    [(0, "0s"), (-5, "0s"), (20, "20ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (6000, "6s"),
+     (60_000, "1m0s"), (90_500, "1m30.5s"), (360_000, "6m0s"), (3_600_000, "1h0m0s"), (3_723_004, "1h2m3.004s")],
+)
+def test_openai_duration(ms: int, text: str) -> None:
+    assert openai_duration(ms) == text
+
+
+RESP3 = {
+    b"allowed": 0,
+    b"retry_after_ms": 1500,
+    b"denied_by": b"tpm",
+    b"denied_key": b"{o}:u",
+    b"plan": b"pro",
+    b"limits": [
+        {b"name": b"rpm", b"kind": b"sliding", b"unit": b"request", b"limit": 60, b"window_ms": 60000,
+         b"remaining": 10, b"reset_ms": 30000, b"warn": 0},
+        {b"name": b"rpd", b"kind": b"fixed", b"unit": b"request", b"limit": 1000, b"window_ms": 86400000,
+         b"remaining": 10, b"reset_ms": 3600000, b"warn": 1},
+        {b"name": b"tpm", b"kind": b"bucket", b"unit": b"token", b"limit": 1000, b"window_ms": 60000,
+         b"remaining": 5, b"reset_ms": 59000, b"warn": 0},
+        {b"name": b"jobs", b"kind": b"concurrency", b"unit": b"lease", b"limit": 2, b"window_ms": 0,
+         b"remaining": 0, b"reset_ms": 20000, b"warn": 0},
+        {b"name": b"big", b"kind": b"cap", b"unit": b"token", b"limit": 500, b"window_ms": 0,
+         b"remaining": 500, b"reset_ms": 0, b"warn": 0},
+    ],
+    b"also": [{b"key": b"{o}", b"plan": b"org", b"limits": [
+        {b"name": b"spend", b"kind": b"fixed", b"unit": b"token", b"limit": 100, b"window_ms": 2592000000,
+         b"remaining": 3, b"reset_ms": 100, b"warn": 1}]}],
+}
+
+
+def to_resp2(value):
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            out.extend((k, to_resp2(v)))
+        return out
+    if isinstance(value, list):
+        return [to_resp2(v) for v in value]
+    return value
+
+
+def to_text(value):
+    if isinstance(value, dict):
+        return {to_text(k): to_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_text(v) for v in value]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def test_resp2_resp3_bytes_and_str_replies_normalise_identically() -> None:
+    shapes = [RESP3, to_resp2(RESP3), to_text(RESP3), to_text(to_resp2(RESP3))]
+    decisions = [parse_decision(s, "{o}:u", "pro") for s in shapes]
+    assert all(d == decisions[0] for d in decisions)
+    d = decisions[0]
+    assert (d.allowed, d.retry_after_ms, d.denied_by, d.denied_key, d.plan) == (False, 1500, "tpm", "{o}:u", "pro")
+    assert d.limit("rpd") == Limit("rpd", "request", 1000, 10, 3600000, True, "fixed", 86400000)
+    assert d.also == (SubjectLimits("{o}", "org", (Limit("spend", "token", 100, 3, 100, True, "fixed", 2592000000),)),)
+    assert d.warn and d.retry_after == 1.5 and not d.never and not d.degraded
+
+
+def test_the_header_rule_takes_the_tightest_rate_limit_of_each_unit() -> None:
+    h = parse_decision(RESP3, "{o}:u", "pro").headers()
+    # requests: rpm and rpd both have 10 left; the longer reset (rpd) wins.
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"], h["x-ratelimit-reset-requests"]) == (
+        "1000", "10", "1h0m0s")
+    # tokens: the org's spend (3 left) is tighter than tpm (5); the cap is no rate limit.
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"], h["x-ratelimit-reset-tokens"]) == (
+        "100", "3", "100ms")
+    assert (h["retry-after"], h["retry-after-ms"]) == ("2", "1500")
+    assert h["ratelimit-policy"] == (
+        '"rpm";q=60;w=60, "rpd";q=1000;w=86400, "tpm";q=1000;w=60;qu="token", '
+        '"jobs";q=2;qu="concurrent-requests", "org.spend";q=100;w=2592000;qu="token"'
+    )
+    assert h["ratelimit"] == '"rpm";r=10;t=30, "rpd";r=10;t=3600, "tpm";r=5;t=59, "jobs";r=0;t=20, "org.spend";r=3;t=1'
+
+
+def test_an_admitted_decision_has_no_retry_after_and_never_has_none_either() -> None:
+    ok = Decision(True, 0, None, "p", (Limit("rpm", "request", 5, 4, 1000),))
+    assert "retry-after" not in ok.headers() and ok.headers()["x-ratelimit-remaining-requests"] == "4"
+    never = Decision(False, -1, "big", "p", ())
+    assert never.never and never.retry_after is None and "retry-after" not in never.headers()
+
+
+def test_denials_map_to_statuses() -> None:
+    assert status_of(Decision(False, -1, "endpoint", "p"))[0] == 403
+    assert status_of(Decision(False, 0, "credits", "p"))[0] == 402
+    assert status_of(Decision(False, -1, "big", "p"))[0] == 413
+    assert status_of(Decision(False, 10, "rpm", "p"))[0] == 429
+
+
+def test_release_replies_normalise() -> None:
+    assert parse_release([b"released", 0, b"reason", b"expired"]).reason == "expired"
+    assert not parse_release({"released": 0})
+    r = parse_release({"released": 1, "plan": "p", "limits": []})
+    assert r.released and r.plan == "p"
+
+
+def test_decision_args_follow_the_spec_order_and_refuse_bad_amounts() -> None:
+    args = decision_args(
+        "RL.ACQUIRE", "k", "p", requests=2, costs={"token": 5}, endpoint="chat", id="r", ttl_ms=100,
+        wait_ms=50, priority=-1, credits=("c", 3), also=[("o", "org")],
+    )
+    assert args == ["RL.ACQUIRE", "k", "p", 2, "COST", "token", 5, "ENDPOINT", "chat", "ID", "r", "TTL", 100,
+                    "WAIT", 50, "PRIORITY", -1, "CREDITS", "c", 3, "ALSO", 1, "o", "org"]
+    assert decision_args("RL.PEEK", "k", "p") == ["RL.PEEK", "k", "p"]
+    with pytest.raises(ValueError):
+        decision_args("RL.ACQUIRE", "k", "p", costs={"token": -1})
+    with pytest.raises(TypeError):
+        decision_args("RL.ACQUIRE", "k", "p", costs={"token": 1.5})
+    with pytest.raises(ValueError):
+        decision_args("RL.ACQUIRE", "k", "p", priority=1)
+
+
+def test_estimates_of_openai_and_anthropic_bodies() -> None:
+    costs = LLMCosts({"gpt-4o": (2.5, 10.0)})
+    openai_body = {"model": "gpt-4o", "max_tokens": 100,
+                   "messages": [{"role": "system", "content": "x" * 40},
+                                {"role": "user", "content": [{"type": "text", "text": "y" * 41}]}]}
+    assert costs.estimate(openai_body) == {"token": 21 + 100, "usd_micros": 53 + 1000}
+    anthropic_body = {"model": "claude", "max_tokens": 10, "system": [{"type": "text", "text": "s" * 8}],
+                      "messages": [{"role": "user", "content": "hello world!"}]}
+    assert costs.estimate(anthropic_body) == {"token": 5 + 10}
+    assert LLMCosts(default_max_tokens=7).estimate({"prompt": "abcd", "n": 2}) == {"token": 1 + 14}
+    assert LLMCosts().estimate(None) == {"token": 1024}
+    assert costs.actual({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}, openai_body) == {
+        "token": 15, "usd_micros": 75}
+    assert usage_tokens({"input_tokens": 3, "cache_read_input_tokens": 4, "output_tokens": 2}) == (7, 2)
+    assert usage_tokens({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 9}) == (3, 6)
+
+
+def sse(*events: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def feed_in_pieces(tracker: _Usage, data: bytes, size: int = 7) -> None:
+    for i in range(0, len(data), size):
+        tracker.feed(data[i:i + size])
+    tracker.finish()
+
+
+def test_usage_is_found_in_openai_and_anthropic_streams_split_anywhere() -> None:
+    openai_stream = sse(
+        {"model": "gpt-4o", "choices": [{"delta": {"content": "hi"}}], "usage": None},
+        {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+    )
+    t = _Usage("text/event-stream; charset=utf-8")
+    feed_in_pieces(t, openai_stream)
+    assert t.found() == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "model": "gpt-4o"}
+    anthropic_stream = (
+        b"event: message_start\n"
+        + b"data: " + json.dumps({"type": "message_start", "message": {"model": "claude", "usage": {
+            "input_tokens": 12, "output_tokens": 1}}}).encode() + b"\n\n"
+        + b"event: content_block_delta\ndata: {\"type\": \"content_block_delta\"}\n\n"
+        + b"event: message_delta\ndata: " + json.dumps({"type": "message_delta", "usage": {"output_tokens": 30}}).encode()
+        + b"\n\n"
+    )
+    t = _Usage("text/event-stream")
+    feed_in_pieces(t, anthropic_stream, 5)
+    assert usage_tokens(t.found()) == (12, 30) and t.found()["model"] == "claude"
+
+
+def test_usage_is_found_in_a_json_body_and_absent_otherwise() -> None:
+    t = _Usage("application/json")
+    feed_in_pieces(t, json.dumps({"usage": {"input_tokens": 1, "output_tokens": 2}}).encode())
+    assert usage_tokens(t.found()) == (1, 2)
+    t = _Usage("application/json")
+    feed_in_pieces(t, b'{"error": "upstream down"}')
+    assert t.found() is None
+    t = _Usage("text/plain")
+    feed_in_pieces(t, b'{"usage": {"total_tokens": 5}}')
+    assert t.found() is None
