@@ -136,6 +136,11 @@ async def test_reserve_settles_releases_and_heartbeats(alimiter: AsyncLimiter) -
         assert not (await alimiter.peek(key, plan, costs={"token": 200})).allowed
         assert (await r.settle(token=100)).released
     assert (await alimiter.peek(key, plan, costs={"token": 800})).allowed
+    # As the issue writes it: settle without await; the block's end waits for it.
+    async with alimiter.reserve(key, plan, costs={"token": 900}) as r:
+        r.settle(token=50)
+    assert r.release_result is not None and r.release_result.released
+    assert (await alimiter.peek(key, plan, costs={"token": 800})).allowed
 
     one = uniq("plan")
     await alimiter.plans.set(one, {"jobs": "concurrency 1 ttl 300ms"})

@@ -189,7 +189,7 @@ class AsyncLimiter:
 
             async with limiter.reserve("user:42", "pro", costs={"token": 1200}) as r:
                 reply = await call_the_model()
-                await r.settle(token=reply.usage.total_tokens)
+                r.settle(token=reply.usage.total_tokens)  # or await it for the Release
 
         Raises `Denied` when not admitted. Leaving the block without `settle`
         -- an exception, or cancellation (a client that disconnected from a
@@ -223,7 +223,7 @@ class AsyncReservation:
         self.decision: Optional[Decision] = None
         self.release_result: Optional[Release] = None
         self._task: Optional["asyncio.Task[None]"] = None
-        self._done = False
+        self._finishing: Optional["asyncio.Future[Release]"] = None
 
     @property
     def id(self) -> str:
@@ -255,37 +255,38 @@ class AsyncReservation:
             except Exception:  # a failed heartbeat is retried at the next beat
                 continue
 
-    async def settle(self, costs: Optional[Mapping[str, int]] = None, **units: int) -> Release:
-        """Settle on the actual amounts and free the lease, now."""
+    def settle(self, costs: Optional[Mapping[str, int]] = None, **units: int) -> "asyncio.Future[Release]":
+        """Settle on the actual amounts (`r.settle(token=310)` or
+        `r.settle({"usd_micros": 2630})`) and free the lease. The release starts
+        at once; await the result for the `Release`, or leave it to the end of
+        the `async with` block, which waits for it."""
         actual = dict(costs or {})
         actual.update(units)
-        return await self._finish(actual)
+        return self._start(actual)
 
-    async def release(self) -> Release:
-        """Free the lease now, keeping what was charged."""
-        return await self._finish(None)
+    def release(self) -> "asyncio.Future[Release]":
+        """Free the lease now, keeping what was charged (awaitable)."""
+        return self._start(None)
 
     def _stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
 
+    def _start(self, costs: Optional[Mapping[str, int]]) -> "asyncio.Future[Release]":
+        if self._finishing is None:
+            self._stop()
+            self._finishing = asyncio.ensure_future(self._finish(costs))
+        return self._finishing
+
     async def _finish(self, costs: Optional[Mapping[str, int]]) -> Release:
-        if self._done:
-            assert self.release_result is not None
-            return self.release_result
-        self._done = True
-        self._stop()
         self.release_result = await self.limiter.release(self.subject, self.id, costs)
         return self.release_result
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._stop()
-        if self.decision is None or self._done:
+        if self.decision is None:
             return
-        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            # Cancelled (e.g. the HTTP client went away): the release must still
-            # reach the server, so it runs shielded from the cancellation.
-            await asyncio.shield(self._finish(None))
-        else:
-            await self._finish(None)
+        # Cancelled (e.g. the HTTP client went away) or not, the release must
+        # reach the server: it runs shielded from the cancellation.
+        await asyncio.shield(self._start(None))
