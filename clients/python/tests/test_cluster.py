@@ -135,3 +135,69 @@ def test_resp2_and_resp3_answer_identically(request, cluster) -> None:
         assert l2.plans.get(plan) == l3.plans.get(plan)
         for lim in (l2, l3):
             lim.client.close()
+
+
+def move_an_empty_slot(cluster) -> tuple:
+    """Pick a fresh key whose slot holds nothing, and move that slot to another
+    primary (CLUSTER SETSLOT, as a resharding does). Returns (key, new owner port)."""
+    from redis.crc import key_slot
+
+    owners = {}
+    for port in cluster.primaries():
+        with redis.Redis(port=port, decode_responses=True) as r:
+            owners[port] = r.execute_command("CLUSTER", "MYID")
+    while True:
+        key = uniq("moved")
+        slot = key_slot(key.encode())
+        with redis.Redis(port=cluster.ports[0], decode_responses=True) as r:
+            if r.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0:
+                break
+    src = None
+    for port in owners:
+        with redis.Redis(port=port) as r:
+            try:
+                r.execute_command("EXISTS", key)
+                src = port
+            except redis.exceptions.ResponseError:
+                pass
+    dst = next(p for p in owners if p != src)
+    with redis.Redis(port=dst) as r:
+        r.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", owners[src])
+    with redis.Redis(port=src) as r:
+        r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", owners[dst])
+    for port in owners:
+        with redis.Redis(port=port) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owners[dst])
+    return key, dst
+
+
+def test_a_resharded_slot_costs_one_redirect_then_calls_go_straight_to_its_new_owner(cluster) -> None:
+    rc = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    limiter = Limiter(rc)
+    plan = uniq("plan")
+    limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
+    limiter.acquire(uniq("warm"), plan)  # the slot table is loaded before the move
+    key, dst = move_an_empty_slot(cluster)
+    before = counters(cluster)
+    for i in range(5):
+        d = limiter.acquire(key, plan)
+        assert d.allowed and d.limit("rpm").remaining == 99 - i
+    after = counters(cluster)
+    assert after["moved"] - before["moved"] == 1
+    with redis.Redis(port=dst) as r:
+        assert r.execute_command("EXISTS", key) == 1
+    rc.close()
+
+
+async def test_a_resharded_slot_is_followed_by_the_async_client(cluster) -> None:
+    rc = AsyncRedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    limiter = AsyncLimiter(rc)
+    plan = uniq("plan")
+    await limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
+    await limiter.acquire(uniq("warm"), plan)
+    key, dst = move_an_empty_slot(cluster)
+    before = counters(cluster)
+    for i in range(5):
+        assert (await limiter.acquire(key, plan)).limit("rpm").remaining == 99 - i
+    assert counters(cluster)["moved"] - before["moved"] == 1
+    await rc.aclose()
