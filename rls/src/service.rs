@@ -507,6 +507,24 @@ impl Service {
         }
     }
 
+    /// Whether the server takes `ALSO` (an `RL.PEEK` of two of the group's keys).
+    async fn probe_also(&self, group: &[Pair]) -> bool {
+        let (Some(a), Some(b)) = (group.first(), group.get(1)) else {
+            return true;
+        };
+        let mut cmd = redis::cmd("RL.PEEK");
+        cmd.arg(&a.key)
+            .arg(&a.rule.plan)
+            .arg("ALSO")
+            .arg(1)
+            .arg(&b.key)
+            .arg(&b.rule.plan);
+        match self.redis.query(&cmd).await {
+            Ok(_) => true,
+            Err(e) => !e.to_string().to_ascii_uppercase().contains("ALSO"),
+        }
+    }
+
     /// Decides groups that cannot be one call: each part under a request id; if any
     /// part is denied, the admitted parts are refunded.
     async fn call_split(
@@ -550,7 +568,15 @@ impl Service {
                 Some(cmd)
             })
             .collect();
-        if !releases.is_empty() {
+        if !all {
+            // Refunds are awaited: once the caller hears "denied", nothing is charged.
+            for cmd in &releases {
+                if let Err(e) = self.redis.query(cmd).await {
+                    tracing::warn!(error = %e, "refunding a denied call's admitted part failed");
+                }
+            }
+        } else if !releases.is_empty() {
+            // Admitted: only the bookkeeping of the parts' ids is left to free.
             let redis = self.redis.clone();
             tokio::spawn(async move {
                 for cmd in releases {
@@ -603,7 +629,19 @@ impl Service {
             (true, Some(g)) if g.len() == 1 || self.also_supported.load(Ordering::Relaxed) => {
                 let charge = reserve.is_some() || g.iter().any(|p| p.cost > 0);
                 let id = if charge { reserve } else { None };
-                match self.call_group(g, id).await {
+                let mut result = self.call_group(g, id).await;
+                if let Err(CallError::Redis(e)) = &result {
+                    // A server without ALSO may read it as a COST unit and fail on
+                    // what follows; ask it plainly whether it knows ALSO.
+                    if g.len() > 1
+                        && e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                        && !self.probe_also(g).await
+                    {
+                        result = Err(CallError::NoAlso);
+                    }
+                }
+                match result {
                     Ok(o) => vec![o],
                     Err(CallError::NoAlso) => {
                         tracing::warn!("the server has no RL.ACQUIRE ... ALSO: deciding descriptors in separate steps");

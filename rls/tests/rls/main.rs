@@ -13,3 +13,4 @@
 mod harness;
 
 mod basics;
+mod semantics;
