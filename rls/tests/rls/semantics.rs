@@ -93,7 +93,7 @@ descriptors:
     for t in tasks {
         t.await.unwrap();
     }
-    let admitted = admitted.lock().unwrap();
+    let admitted = admitted.lock().unwrap().clone();
     let total: u32 = admitted.values().sum();
     assert_eq!(
         total, 100,
@@ -130,7 +130,7 @@ descriptors:
         ("day", tollgate_rls::config::TimeUnit::Day),
     ] {
         let r = ask(&mut c, request("cal", vec![desc(&[(key, "x")])])).await;
-        let reset = r.statuses[0].duration_until_reset.clone().unwrap();
+        let reset = r.statuses[0].duration_until_reset.unwrap();
         let expected_ms = tollgate_rls::window::window_end(unit, now) - now;
         let got_ms = reset.seconds as u64 * 1000 + reset.nanos as u64 / 1_000_000;
         assert!(
