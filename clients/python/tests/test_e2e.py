@@ -312,3 +312,16 @@ def test_unreachable_redis_fails_closed_by_default_or_open_with_a_log_line(upstr
         else:
             assert r.status_code == 503 and r.json()["error"]["type"] == "limiter_unavailable"
             assert any("failing closed" in m for m in caplog.messages)
+
+
+def test_a_plan_the_server_does_not_know_is_a_logged_500(standalone, upstream, admin, caplog) -> None:
+    tiers = Tiers(admin, {"free": {"rpm": "sliding 100/1m"}})
+    tiers.names["free"] = uniq("missing")
+    caplog.set_level(logging.ERROR, logger="tollgate")
+    calls = len(upstream.calls)
+    with serve(app_for(standalone, upstream, tiers, fail_open=True)) as url:
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(client(url))
+    assert e.value.response.json()["error"]["type"] == "limiter_error"
+    assert any("unknown plan" in m for m in caplog.messages)
+    assert len(upstream.calls) == calls

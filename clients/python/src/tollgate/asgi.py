@@ -31,7 +31,8 @@ For each HTTP request (under `paths`) it
 
 When Redis cannot be reached it logs one line (logger `tollgate`) and fails
 closed (503) by default, or open (`fail_open=True`: the request goes through
-unmetered).
+unmetered). An error reply of the server (an unknown plan, say) is logged and
+answered 500, whatever `fail_open` says.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._types import Decision, Subject
@@ -190,6 +192,12 @@ class TollgateMiddleware:
                 return
             logger.error("tollgate: Redis unreachable (%s): failing closed with 503", exc)
             await _error(send, 503, "limiter_unavailable", "The rate limiter is unavailable; try again later.", {})
+            return
+        except RedisResponseError as exc:
+            # The server refused the call (an unknown plan, a bad option): a
+            # configuration error, never a reason to let the request through.
+            logger.error("tollgate: the server refused the call for %s under plan %r: %s", subject.key, subject.plan, exc)
+            await _error(send, 500, "limiter_error", "The rate limiter refused this request's configuration.", {})
             return
         if not decision.allowed:
             await _deny(send, decision)
