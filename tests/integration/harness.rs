@@ -1,9 +1,12 @@
 //! Real servers for the integration tests.
 //!
 //! Each test starts its own `redis-server` (or `valkey-server`, see
-//! `TOLLGATE_SERVER`) with the freshly built module, on a free loopback port and in
-//! its own directory; the server is killed and the directory removed on drop. A
-//! missing server binary or module fails the test loudly — nothing is skipped.
+//! `TOLLGATE_SERVER`) with the module, on a free loopback port and in its own
+//! directory; the server is killed and the directory removed on drop. The module
+//! (and the CLI) are built first, once per test process, so `cargo test --test
+//! integration` right after a change to `src/` tests that change; `TOLLGATE_MODULE`
+//! and `TOLLGATE_CLI` name other builds instead. A missing server binary or a failed
+//! build fails the test loudly — nothing is skipped.
 
 #![allow(dead_code)]
 
@@ -12,6 +15,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
@@ -23,19 +27,86 @@ pub fn server_binary() -> String {
     std::env::var("TOLLGATE_SERVER").unwrap_or_else(|_| "redis-server".to_string())
 }
 
-/// The module under test: `$TOLLGATE_MODULE`, else the debug build.
+/// The module under test: `$TOLLGATE_MODULE`, else this checkout's module, built
+/// first in the test binary's own profile so a test never loads a stale module.
 pub fn module_path() -> PathBuf {
-    let path = std::env::var("TOLLGATE_MODULE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/libtollgate.so")
-        });
-    assert!(
-        path.exists(),
-        "module {} not found: build it first (`cargo build`, or `make test` which does)",
-        path.display()
-    );
-    path
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    artifact("TOLLGATE_MODULE", &BUILT, "tollgate", "libtollgate.so")
+}
+
+/// `$variable` if set (it must exist), else `file` of `package` built by
+/// `cargo build -p package` once per test process. A failed build fails every test
+/// that needs it, with cargo's output.
+fn artifact(
+    variable: &str,
+    built: &OnceLock<Result<PathBuf, String>>,
+    package: &str,
+    file: &str,
+) -> PathBuf {
+    if let Ok(path) = std::env::var(variable) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.exists(),
+            "{variable}={} does not exist",
+            path.display()
+        );
+        return path;
+    }
+    match built.get_or_init(|| cargo_build(package, file)) {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Runs `cargo build -p package` with the profile this test binary was built with
+/// (its directory: `target/debug/deps/integration-*` is the dev profile) and returns
+/// the path of `file` in that profile's directory.
+fn cargo_build(package: &str, file: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("the test binary's path: {e}"))?;
+    let profile_dir = exe
+        .parent()
+        .filter(|deps| deps.ends_with("deps"))
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("{} is not in a cargo deps directory", exe.display()))?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(&cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg("-p")
+        .arg(package);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.arg("--profile").arg(other);
+        }
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run '{cargo} build -p {package}': {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "'{cargo} build -p {package}' failed ({}), so the tests cannot run:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let path = profile_dir.join(file);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "'{cargo} build -p {package}' succeeded but {} does not exist",
+            path.display()
+        ))
+    }
 }
 
 pub fn free_port() -> u16 {
@@ -390,17 +461,11 @@ pub fn wait_in_sync(primary: &Server, replica: &Server) {
     });
 }
 
-/// The `tollgate` CLI under test: `$TOLLGATE_CLI`, else the debug build.
+/// The `tollgate` CLI under test: `$TOLLGATE_CLI`, else this checkout's CLI, built
+/// first like the module (see `module_path`).
 pub fn cli_path() -> PathBuf {
-    let path = std::env::var("TOLLGATE_CLI")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/tollgate"));
-    assert!(
-        path.exists(),
-        "CLI {} not found: build it first (`cargo build --workspace`)",
-        path.display()
-    );
-    path
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    artifact("TOLLGATE_CLI", &BUILT, "tollgate-cli", "tollgate")
 }
 
 /// Runs the CLI; returns (exit code, stdout, stderr).
