@@ -1,5 +1,10 @@
 //! `WAIT` and `PRIORITY`: blocking acquires admitted by releases and refills, in
 //! priority-then-arrival order; fallback plans; assignment and the default plan.
+//!
+//! Timing holds on a busy machine: what the server did is read from the server
+//! (`INFO tollgate` wait counters, the sequence in generated request ids), never
+//! from how fast replies came back. Wall-clock bounds are lower bounds only ("not
+//! before"); `GUARD` only stops a hung test.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -8,12 +13,37 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use redis::Value;
 
-fn waiting(con: &mut redis::Connection) -> i64 {
+/// How long a test waits for a reply before calling it hung: not a timing claim.
+const GUARD: Duration = Duration::from_secs(60);
+
+/// A counter of `INFO tollgate` (`tollgate_<name>`), -1 if absent.
+fn counter(con: &mut redis::Connection, name: &str) -> i64 {
     let info = string(con, &["INFO", "tollgate"]);
+    let prefix = format!("tollgate_{name}:");
     info.lines()
-        .find_map(|l| l.strip_prefix("tollgate_waiting_clients:"))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(-1)
+}
+
+fn waiting(con: &mut redis::Connection) -> i64 {
+    counter(con, "waiting_clients")
+}
+
+/// The server's wait counters: (admitted after waiting, timed out).
+fn waits(con: &mut redis::Connection) -> (i64, i64) {
+    (
+        counter(con, "waits_admitted"),
+        counter(con, "waits_timed_out"),
+    )
+}
+
+/// The server's admission sequence number in a generated request id
+/// (`<ms>-<sequence>`, the sequence counting up per key as calls are admitted).
+fn admission_sequence(id: &str) -> u64 {
+    id.rsplit_once('-')
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or_else(|| panic!("generated id '{id}' is not '<ms>-<sequence>'"))
 }
 
 fn wait_for_waiters(con: &mut redis::Connection, n: i64) {
@@ -46,9 +76,7 @@ fn a_waiter_is_admitted_when_a_lease_is_released_and_not_before() {
         "the server answers while a client waits"
     );
     run(&mut con, &["RL.RELEASE", "k", &holder.str("id").unwrap()]);
-    let (reply, _) = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("woken by the release");
+    let (reply, _) = rx.recv_timeout(GUARD).expect("woken by the release");
     assert!(Decision::from(&reply.unwrap()).allowed());
     assert_eq!(waiting(&mut con), 0);
 }
@@ -58,23 +86,26 @@ fn a_waiter_is_admitted_on_refill_and_times_out_denied() {
     let server = start();
     let mut con = server.client();
     int(&mut con, &["RL.PLAN.SET", "p", "b", "bucket 2/1s burst 1"]);
+    // Measured from before the first call, so a stall anywhere only makes it longer.
+    let started = Instant::now();
     assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
-    let started = Instant::now();
-    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "5000"]);
-    let waited = started.elapsed();
+    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "60000"]);
+    // Admitted (a timed-out waiter is answered denied), and not before the refill:
+    // one token every 500 ms.
     assert!(d.allowed());
-    assert!(
-        waited >= Duration::from_millis(400) && waited < Duration::from_millis(1500),
-        "{waited:?}"
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    assert_eq!(waits(&mut con).1, 0, "nothing timed out");
+    // A refill a minute away: a 200 ms wait runs out first.
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "slow", "b", "bucket 1/1m burst 1"],
     );
+    assert!(decision(&mut con, &["RL.ACQUIRE", "s", "slow"]).allowed());
     let started = Instant::now();
-    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "200"]);
-    let waited = started.elapsed();
+    let d = decision(&mut con, &["RL.ACQUIRE", "s", "slow", "WAIT", "200"]);
     assert!(!d.allowed());
-    assert!(
-        waited >= Duration::from_millis(190) && waited < Duration::from_millis(450),
-        "{waited:?}"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(190));
+    assert_eq!(waits(&mut con).1, 1, "the call timed out");
     assert_eq!(d.str("denied_by").as_deref(), Some("b"));
     assert!(d.retry_after_ms() > 0);
 }
@@ -84,11 +115,10 @@ fn a_call_that_can_never_pass_is_answered_at_once() {
     let server = start();
     let mut con = server.client();
     int(&mut con, &["RL.PLAN.SET", "p", "rpd", "fixed 5/1d"]);
-    let started = Instant::now();
     let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "6", "WAIT", "5000"]);
     assert!(!d.allowed());
     assert_eq!(d.retry_after_ms(), -1);
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(waits(&mut con), (0, 0), "answered without waiting");
 }
 
 #[test]
@@ -97,7 +127,6 @@ fn wait_inside_multi_or_a_script_answers_at_once() {
     let mut con = server.client();
     int(&mut con, &["RL.PLAN.SET", "p", "jobs", "concurrency 1"]);
     assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
-    let started = Instant::now();
     let replies: Vec<Value> = redis::pipe()
         .atomic()
         .cmd("RL.ACQUIRE")
@@ -118,11 +147,7 @@ fn wait_inside_multi_or_a_script_answers_at_once() {
         ],
     );
     assert!(!Decision::from(&reply).allowed());
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_eq!(waits(&mut con), (0, 0), "answered without waiting");
     assert_eq!(waiting(&mut con), 0);
 }
 
@@ -198,7 +223,10 @@ fn waiters_are_admitted_by_priority_then_arrival() {
     }
     let mut order = Vec::new();
     for _ in 0..3 {
+        // One slot: each release admits exactly one waiter, so the order replies come
+        // back in is the server's admission order.
         run(&mut con, &["RL.RELEASE", "k", &lease]);
+        let deadline = Instant::now() + GUARD;
         let (priority, d) = loop {
             if let Some((p, d)) = waiters
                 .iter()
@@ -206,6 +234,7 @@ fn waiters_are_admitted_by_priority_then_arrival() {
             {
                 break (p, d);
             }
+            assert!(Instant::now() < deadline, "no waiter admitted");
             std::thread::sleep(Duration::from_millis(5));
         };
         assert!(d.allowed());
@@ -242,7 +271,7 @@ fn a_waiter_that_disconnects_leaves_nothing_behind() {
     wait_for_waiters(&mut con, 1);
     run(&mut con, &["RL.RELEASE", "k", &lease]);
     let d = second
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(GUARD)
         .expect("the second waiter moved up");
     assert!(d.allowed());
     assert_eq!(waiting(&mut con), 0);
@@ -265,11 +294,12 @@ fn fifty_waiters_share_two_slots_in_order() {
         .collect();
     let held = std::sync::Arc::new(AtomicUsize::new(0));
     let peak = std::sync::Arc::new(AtomicUsize::new(0));
-    let sequence = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    // (server admission sequence, priority, arrival), from each waiter's generated id.
+    let admitted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut handles = Vec::new();
     for i in 0..50usize {
         let priority = (i % 3) as i64;
-        let (held, peak, sequence) = (held.clone(), peak.clone(), sequence.clone());
+        let (held, peak, admitted) = (held.clone(), peak.clone(), admitted.clone());
         let port = server.port;
         handles.push(std::thread::spawn(move || {
             let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
@@ -289,12 +319,18 @@ fn fifty_waiters_share_two_slots_in_order() {
                 ],
             );
             assert!(d.allowed());
+            let id = d.str("id").unwrap();
+            // Held from the client's view: between the reply and the release, a window
+            // inside the server's, so it can never exceed what the server allowed.
             let now = held.fetch_add(1, Ordering::SeqCst) + 1;
             peak.fetch_max(now, Ordering::SeqCst);
-            sequence.lock().unwrap().push((priority, i));
+            admitted
+                .lock()
+                .unwrap()
+                .push((admission_sequence(&id), priority, i));
             std::thread::sleep(Duration::from_millis(10));
             held.fetch_sub(1, Ordering::SeqCst);
-            run(&mut con, &["RL.RELEASE", "k", &d.str("id").unwrap()]);
+            run(&mut con, &["RL.RELEASE", "k", &id]);
         }));
         wait_for_waiters(&mut con, i as i64 + 1);
     }
@@ -305,19 +341,16 @@ fn fifty_waiters_share_two_slots_in_order() {
         h.join().unwrap();
     }
     assert!(peak.load(Ordering::SeqCst) <= 2);
-    let sequence = sequence.lock().unwrap().clone();
-    assert_eq!(sequence.len(), 50);
-    // Two slots: admissions may interleave pairwise, so compare the order of starts
-    // allowing neighbours to swap.
-    let mut expected = sequence.clone();
+    assert_eq!(waits(&mut con), (50, 0));
+    // The order the server admitted them in (its id sequence), whatever order the
+    // client threads saw their replies in: priority first, then arrival.
+    let mut admitted = admitted.lock().unwrap().clone();
+    assert_eq!(admitted.len(), 50);
+    admitted.sort();
+    let order: Vec<(i64, usize)> = admitted.iter().map(|&(_, p, i)| (p, i)).collect();
+    let mut expected = order.clone();
     expected.sort();
-    for (pos, got) in sequence.iter().enumerate() {
-        let want = expected.iter().position(|e| e == got).unwrap();
-        assert!(
-            pos.abs_diff(want) <= 1,
-            "waiter {got:?} admitted {pos}th, expected {want}th: {sequence:?}"
-        );
-    }
+    assert_eq!(order, expected, "admission order (priority, arrival)");
 }
 
 #[test]
@@ -378,7 +411,7 @@ fn a_replica_reaches_the_primary_digest_after_waits() {
     wait_for_waiters(&mut con, 3);
     run(&mut con, &["RL.RELEASE", "k", &lease]);
     for rx in &waiters {
-        let d = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let d = rx.recv_timeout(GUARD).unwrap();
         run(&mut con, &["RL.RELEASE", "k", &d.str("id").unwrap()]);
     }
     wait_in_sync(&primary, &replica);
@@ -548,15 +581,15 @@ fn a_waiter_whose_call_fails_passes_the_turn_on() {
     // The head's plan disappears: when woken, its call is an error...
     int(&mut con, &["RL.PLAN.DEL", "gone"]);
     run(&mut con, &["RL.RELEASE", "k", &holder.str("id").unwrap()]);
-    let (reply, _) = first.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (reply, _) = first.recv_timeout(GUARD).unwrap();
     assert!(
         reply.as_ref().is_err_and(|e| e.contains("unknown plan")),
         "{reply:?}"
     );
-    // ...and the next in line is admitted at once, not at its timeout.
-    let (reply, waited) = second.recv_timeout(Duration::from_secs(5)).unwrap();
+    // ...and the next in line is admitted when the turn passes, not at its timeout.
+    let (reply, _) = second.recv_timeout(GUARD).unwrap();
     assert!(Decision::from(&reply.unwrap()).allowed());
-    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(waits(&mut con), (1, 0), "admitted, nothing timed out");
     assert_eq!(waiting(&mut con), 0);
 }
 
@@ -568,10 +601,13 @@ fn max_waiters_zero_turns_wait_off() {
     assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p"]).allowed());
     for config in ["tollgate.max-waiters-per-key", "tollgate.max-waiters"] {
         run(&mut con, &["CONFIG", "SET", config, "0"]);
-        let started = Instant::now();
         let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "WAIT", "5000"]);
         assert!(!d.allowed());
-        assert!(started.elapsed() < Duration::from_millis(1000), "{config}");
+        assert_eq!(
+            waits(&mut con),
+            (0, 0),
+            "{config} 0: answered without waiting"
+        );
         run(&mut con, &["CONFIG", "SET", config, "1000"]);
     }
 }
