@@ -4,6 +4,12 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 PORT ?= 6479
+# make cluster's first port (it uses six); PORT on the command line also sets it.
+ifeq ($(origin PORT),command line)
+CLUSTER_PORT ?= $(PORT)
+else
+CLUSTER_PORT ?= 7100
+endif
 RUN_DIR := $(CURDIR)/.run
 RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
 DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
@@ -11,8 +17,11 @@ DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 .PHONY: help deps valkey build release run stop cluster cluster-stop test test-scripts test-unit test-integration check fmt clippy bench bench-cluster clean
 .PHONY: test-python bench-python
 
-help: ## List the targets
+help: ## List the targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@echo "Variables:"
+	@echo "  PORT=6479          make run's port (make stop finds it by itself)"
+	@echo "  CLUSTER_PORT=7100  make cluster's first port, of six (make cluster PORT=n also sets it)"
 
 deps: ## Install what is missing: redis-server, redis-tools, libclang-dev (Debian, as root)
 	@scripts/install-deps.sh
@@ -26,19 +35,19 @@ build: deps ## Build the module (debug), as the integration tests load it
 release: deps ## Build the module and the tollgate CLI optimized
 	$(CARGO) build --release -p tollgate -p tollgate-cli
 
-run: release ## Start a Redis with the module on 127.0.0.1:$(PORT), load example plans, show how to try it
+run: release ## Start a Redis with the module on 127.0.0.1:PORT, load example plans, show how to try it
 	@scripts/run.sh $(PORT) $(RELEASE_SO)
 
-stop: ## Stop the server `make run` started
-	@scripts/run.sh --stop $(PORT)
+stop: ## Stop the server `make run` started, whatever its PORT (it says what it stopped)
+	@scripts/run.sh --stop
 
-cluster: release ## Start a local 3-primary/3-replica cluster with the module, plans applied by the CLI
-	@scripts/cluster.sh start $(RELEASE_SO)
+cluster: release ## Start a local 3-primary/3-replica cluster on CLUSTER_PORT..+5, plans applied by the CLI
+	@scripts/cluster.sh start $(CLUSTER_PORT) $(RELEASE_SO)
 
 cluster-stop: ## Stop the cluster `make cluster` started
 	@scripts/cluster.sh stop
 
-test: test-scripts deps valkey build ## Run every test: scripts, unit, property, and integration against real servers
+test: deps valkey build test-scripts ## Run every test: scripts, unit, property, and integration against real servers
 	$(CARGO) test --workspace --no-fail-fast
 	@vk=$$(scripts/find-valkey.sh); \
 	if [ -n "$$vk" ]; then \
@@ -49,8 +58,9 @@ test: test-scripts deps valkey build ## Run every test: scripts, unit, property,
 	fi
 	@$(MAKE) --no-print-directory test-python
 
-test-scripts: ## Tests of the scripts (libclang detection on fixture directories)
+test-scripts: build ## Tests of the scripts: libclang detection (fixture directories), make run/stop/cluster
 	@scripts/test-find-libclang.sh
+	@scripts/test-run.sh
 
 test-unit: ## Unit and property tests of the core only (no server)
 	$(CARGO) test -p tollgate-core
