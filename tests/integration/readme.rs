@@ -1,6 +1,6 @@
 //! The README's tour works as written: every `127.0.0.1:6479>` line is run, in order,
-//! against a fresh server with the example plans, and fails exactly where the README
-//! shows an error.
+//! against a fresh server with the example plans, fails exactly where the README
+//! shows an error, and leaves nothing held at the end.
 
 use crate::harness::*;
 
@@ -80,4 +80,12 @@ fn every_command_of_the_readme_tour_works_as_written() {
         ran += 1;
     }
     assert!(ran >= 15, "only {ran} tour commands found");
+    // The tour ends clean: no lease or reservation left held (a newcomer's keys would
+    // otherwise keep slots and tokens until their TTLs run out).
+    let info = string(&mut server.client(), &["INFO", "tollgate"]);
+    assert!(
+        info.lines()
+            .any(|l| l.trim() == "tollgate_requests_in_flight:0"),
+        "the tour leaves requests in flight:\n{info}"
+    );
 }
