@@ -137,12 +137,8 @@ pub fn plan_changes(current: &PlanSet, wanted: &PlanSet, prune: bool) -> Vec<Cha
         }
     }
     if prune {
-        for name in current
-            .plans
-            .keys()
-            .filter(|n| !wanted.plans.contains_key(*n))
-        {
-            late.push(Change::Drop { plan: name.clone() });
+        for plan in kept_plans(current, wanted) {
+            late.push(Change::Drop { plan });
         }
     }
     early
@@ -150,6 +146,16 @@ pub fn plan_changes(current: &PlanSet, wanted: &PlanSet, prune: bool) -> Vec<Cha
         .chain(sets)
         .chain(removes)
         .chain(late)
+        .collect()
+}
+
+/// The plans `current` holds that `wanted` does not define (what `--prune` deletes).
+pub fn kept_plans(current: &PlanSet, wanted: &PlanSet) -> Vec<String> {
+    current
+        .plans
+        .keys()
+        .filter(|n| !wanted.plans.contains_key(*n))
+        .cloned()
         .collect()
 }
 
@@ -297,7 +303,13 @@ mod tests {
             ]
         );
         assert!(plan_changes(&wanted, &wanted, true).is_empty());
-        let pruned = plan_changes(&current, &set(&[("b", &[("rpm", "cap 1")])], None), true);
+        let only_b = set(&[("b", &[("rpm", "cap 1")])], None);
+        let pruned = plan_changes(&current, &only_b, true);
         assert_eq!(pruned, [Change::Drop { plan: "a".into() }]);
+        assert_eq!(kept_plans(&current, &only_b), ["a"]);
+        assert!(
+            plan_changes(&current, &only_b, false).is_empty(),
+            "without prune, extra plans are kept"
+        );
     }
 }

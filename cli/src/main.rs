@@ -24,17 +24,31 @@ Usage:
   tollgate [--url URL] [--cluster] plans apply FILE [--dry-run] [--prune]
   tollgate [--url URL] [--cluster] plans show
   tollgate plans check FILE
-  tollgate [--url URL] usage KEY PLAN [--endpoint NAME]
-  tollgate [--url URL] credits grant KEY AMOUNT [--ttl MS | --expire-at UNIX_MS] [--id ID]
-  tollgate [--url URL] credits balance KEY
-  tollgate [--url URL] credits blocks KEY
+  tollgate [--url URL] [--cluster] usage KEY PLAN [--endpoint NAME]
+  tollgate [--url URL] [--cluster] credits grant KEY AMOUNT [--ttl MS | --expire-at UNIX_MS] [--id ID]
+  tollgate [--url URL] [--cluster] credits balance KEY
+  tollgate [--url URL] [--cluster] credits blocks KEY
 
 Options:
-  --url URL     server to talk to (default: $TOLLGATE_URL, else redis://127.0.0.1:6379)
-  --cluster     the server is a cluster node: act on every primary, check every node
-  -h, --help    help (also after a subcommand: tollgate plans apply --help)
+  --url URL     server to talk to (default: $TOLLGATE_URL, else redis://127.0.0.1:6479,
+                where `make run` starts one)
+  --cluster     the server is a cluster node: plans act on every primary and check
+                every node; usage and credits go to the node serving KEY (MOVED)
+  -h, --help    help (also after a subcommand: tollgate plans --help)
 
 Exit codes: 0 ok, 1 usage, 2 invalid plans file, 3 server error, 4 nodes disagree.";
+
+const HELP_PLANS: &str = "\
+tollgate [--url URL] [--cluster] plans apply FILE [--dry-run] [--prune]
+tollgate [--url URL] [--cluster] plans show
+tollgate plans check FILE
+
+apply  brings the server's plans (with --cluster: every primary's) to the file's,
+       then checks that every node agrees
+show   prints the server's plans as a plans file
+check  validates a plans file without connecting anywhere
+
+tollgate plans apply --help (show, check) says more.";
 
 const HELP_APPLY: &str = "\
 tollgate plans apply FILE [--dry-run] [--prune]
@@ -42,8 +56,9 @@ tollgate plans apply FILE [--dry-run] [--prune]
 Validates the whole plans file first (nothing is applied if any plan is invalid),
 then on the server — or, with --cluster, on every primary — sets the plans the file
 defines, removes fields the file no longer has, and sets the default plan. Prints
-each change. Then waits until every node, replicas included, reports the file's
-plan-set digest (INFO tollgate: plans_digest).
+each change. Plans the server holds and the file does not define are kept and
+listed (--prune deletes them). Then waits until every node, replicas included,
+reports the plan-set digest of the result (INFO tollgate: plans_digest).
 
   --dry-run   print the changes without making them
   --prune     also delete plans the file does not define
@@ -66,8 +81,10 @@ Validates a plans file without connecting anywhere; prints its plan-set digest."
 const HELP_USAGE: &str = "\
 tollgate usage KEY PLAN [--endpoint NAME]
 
-Shows how the subject at KEY stands under PLAN (RL.PEEK KEY PLAN 0), one row per
-limit: limit, used, remaining, and the time until it resets.";
+Shows how the subject at KEY stands under PLAN, one row per limit: limit, used,
+remaining, and the time until it resets. PLAN * is the key's assigned plan, else the
+default plan; the plan it resolved to is printed. With --cluster, asks the node
+serving KEY.";
 
 const HELP_CREDITS: &str = "\
 tollgate credits grant KEY AMOUNT [--ttl MS | --expire-at UNIX_MS] [--id ID]
@@ -75,7 +92,8 @@ tollgate credits balance KEY
 tollgate credits blocks KEY
 
 grant adds a block of credits (idempotent with --id); balance prints the live
-balance; blocks lists the live blocks in the order they are consumed.";
+balance; blocks lists the live blocks in the order they are consumed. With
+--cluster, each goes to the node serving KEY.";
 
 /// Why the CLI stopped, with its exit code.
 enum Failure {
@@ -105,12 +123,15 @@ struct Options {
     flags: Vec<(String, Option<String>)>,
 }
 
+/// Where `make run` starts a server.
+const DEFAULT_URL: &str = "redis://127.0.0.1:6479";
+
 /// Flags that take a value.
 const VALUED: [&str; 5] = ["--url", "--endpoint", "--ttl", "--expire-at", "--id"];
 
 fn parse_options(args: Vec<String>) -> Result<Options, Failure> {
     let mut options = Options {
-        url: std::env::var("TOLLGATE_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        url: std::env::var("TOLLGATE_URL").unwrap_or_else(|_| DEFAULT_URL.into()),
         cluster: false,
         help: false,
         words: Vec::new(),
@@ -175,11 +196,11 @@ impl Options {
         }
     }
 
-    fn connect(&self) -> Result<redis::Connection, Failure> {
-        nodes::single(&self.url)
-            .map_err(Failure::Usage)?
-            .connect()
-            .map_err(Failure::Server)
+    /// A connection for commands on `KEY`: with `--cluster`, it follows `MOVED` to
+    /// the node serving the key.
+    fn connect(&self) -> Result<nodes::KeyConnection, Failure> {
+        let node = nodes::single(&self.url).map_err(Failure::Usage)?;
+        nodes::KeyConnection::open(node, self.cluster).map_err(Failure::Server)
     }
 }
 
@@ -210,7 +231,7 @@ fn run(options: Options) -> Result<(), Failure> {
         ["plans", "apply", ..] if options.help => help(HELP_APPLY),
         ["plans", "show", ..] if options.help => help(HELP_SHOW),
         ["plans", "check", ..] if options.help => help(HELP_CHECK),
-        ["plans", ..] if options.help => help(USAGE),
+        ["plans", ..] if options.help => help(HELP_PLANS),
         ["usage", ..] if options.help => help(HELP_USAGE),
         ["credits", ..] if options.help => help(HELP_CREDITS),
         _ if options.help => help(USAGE),
@@ -259,10 +280,10 @@ fn run(options: Options) -> Result<(), Failure> {
 }
 
 fn query<T: redis::FromRedisValue>(
-    con: &mut redis::Connection,
+    con: &mut nodes::KeyConnection,
     cmd: &mut redis::Cmd,
 ) -> Result<T, Failure> {
-    cmd.query(con).map_err(|e| Failure::Server(e.to_string()))
+    con.query(cmd).map_err(Failure::Server)
 }
 
 fn read_plans(file: &str) -> Result<plansfile::PlanSet, Failure> {
@@ -272,20 +293,44 @@ fn read_plans(file: &str) -> Result<plansfile::PlanSet, Failure> {
 
 fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
     let wanted = read_plans(file)?;
-    let digest = wanted.digest().map_err(|e| Failure::File(e.to_string()))?;
+    wanted.digest().map_err(|e| Failure::File(e.to_string()))?;
     let targets = options.targets()?;
     let dry_run = options.flag("--dry-run");
+    let prune = options.flag("--prune");
+    // What every node must hold afterwards: the file's plans, plus (without --prune)
+    // the plans the servers hold that the file does not define, and their default if
+    // the file names none.
+    let mut expected = wanted.clone();
     let mut total = 0;
     for node in targets.iter().filter(|n| n.primary) {
         let mut con = node.connect().map_err(Failure::Server)?;
         let current =
             apply::fetch(&mut con).map_err(|e| Failure::Server(format!("{}: {e}", node.name)))?;
-        let changes = apply::plan_changes(&current, &wanted, options.flag("--prune"));
+        let changes = apply::plan_changes(&current, &wanted, prune);
         if changes.is_empty() {
             println!("{}: up to date", node.name);
         }
         for change in &changes {
             println!("{}: {change}", node.name);
+        }
+        if !prune {
+            let kept = apply::kept_plans(&current, &wanted);
+            if !kept.is_empty() {
+                println!(
+                    "{}: keeps {} plan(s) the file does not define: {} (--prune deletes them)",
+                    node.name,
+                    kept.len(),
+                    kept.join(", ")
+                );
+            }
+            for name in kept {
+                if let Some(fields) = current.plans.get(&name) {
+                    expected.plans.insert(name, fields.clone());
+                }
+            }
+            if expected.default.is_none() {
+                expected.default.clone_from(&current.default);
+            }
         }
         total += changes.len();
         if !dry_run {
@@ -297,6 +342,11 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
         println!("dry run: {total} changes not made");
         return Ok(());
     }
+    let digest = expected.digest().map_err(|e| {
+        Failure::Server(format!(
+            "cannot compute the plan-set digest of the file's plans with the server's: {e}"
+        ))
+    })?;
     let disagree = apply::verify(&targets, digest, Duration::from_secs(15));
     if !disagree.is_empty() {
         return Err(Failure::Disagree(disagree.join("; ")));
@@ -330,55 +380,129 @@ fn plans_show(options: &Options) -> Result<(), Failure> {
 
 fn usage(options: &Options, key: &str, plan: &str) -> Result<(), Failure> {
     let mut con = options.connect()?;
+    let standing = standing(&mut con, key, plan, options.value("--endpoint"))?;
+    let via = standing.via.map(|v| format!(" ({v})")).unwrap_or_default();
+    println!("{key} under plan {}{via}:", standing.plan);
+    println!(
+        "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}",
+        "limit", "unit", "capacity", "used", "remaining", "resets in"
+    );
+    for row in &standing.limits {
+        let warn = if row.warn { " (warn)" } else { "" };
+        println!(
+            "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}{warn}",
+            row.name,
+            row.unit,
+            row.capacity,
+            row.used,
+            row.remaining,
+            human_ms(row.reset_ms)
+        );
+    }
+    Ok(())
+}
+
+/// How a subject stands under a plan: what `usage` prints.
+struct Standing {
+    /// The plan the figures are for (`*` resolved).
+    plan: String,
+    /// How `*` was resolved, if it was.
+    via: Option<&'static str>,
+    limits: Vec<LimitStanding>,
+}
+
+struct LimitStanding {
+    name: String,
+    unit: String,
+    capacity: i64,
+    used: i64,
+    remaining: i64,
+    /// Until it is back to full with no further use; 0 when nothing is used.
+    reset_ms: i64,
+    warn: bool,
+}
+
+/// The subject's standing under `plan` (a name or `*`), read with `RL.PEEK key plan 0`.
+/// The one place that knows how the figures are obtained: `RL.USAGE` (which reports
+/// the standing itself, `*` resolved) replaces this body.
+fn standing(
+    con: &mut nodes::KeyConnection,
+    key: &str,
+    plan: &str,
+    endpoint: Option<&str>,
+) -> Result<Standing, Failure> {
+    let (plan, via) = resolve_plan(con, key, plan)?;
     let mut cmd = redis::cmd("RL.PEEK");
-    cmd.arg(key).arg(plan).arg(0);
-    if let Some(endpoint) = options.value("--endpoint") {
+    cmd.arg(key).arg(&plan).arg(0);
+    if let Some(endpoint) = endpoint {
         cmd.arg("ENDPOINT").arg(endpoint);
     }
-    let reply: Value = query(&mut con, &mut cmd)?;
+    let reply: Value = query(con, &mut cmd)?;
     let fields = pairs(&reply);
     let limits = match fields.iter().find(|(k, _)| k == "limits") {
         Some((_, Value::Array(items))) => items.clone(),
         _ => Vec::new(),
     };
-    println!("{key} under plan {plan}:");
-    println!(
-        "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}",
-        "limit", "unit", "capacity", "used", "remaining", "resets in"
-    );
-    for limit in &limits {
-        let l = pairs(limit);
-        let get = |name: &str| {
-            l.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| nodes::text(v))
-                .unwrap_or_default()
-        };
-        let int = |name: &str| get(name).parse::<i64>().unwrap_or(0);
-        // RL.PEEK answers what an acquire would, and an acquire takes one lease in
-        // each concurrency limit: give that lease back to show the standing now.
-        let remaining = if get("unit") == "lease" {
-            (int("remaining") + 1).min(int("limit"))
-        } else {
-            int("remaining")
-        };
-        let used = (int("limit") - remaining).max(0);
-        let warn = if int("warn") == 1 { " (warn)" } else { "" };
-        println!(
-            "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}{warn}",
-            get("name"),
-            get("unit"),
-            int("limit"),
-            used,
-            remaining,
-            human_ms(if get("unit") == "lease" && used == 0 {
-                0
+    let limits = limits
+        .iter()
+        .map(|limit| {
+            let l = pairs(limit);
+            let get = |name: &str| {
+                l.iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| nodes::text(v))
+                    .unwrap_or_default()
+            };
+            let int = |name: &str| get(name).parse::<i64>().unwrap_or(0);
+            let unit = get("unit");
+            // RL.PEEK answers what an acquire would, and an acquire takes one lease in
+            // each concurrency limit: give that lease back to show the standing now.
+            let remaining = if unit == "lease" {
+                (int("remaining") + 1).min(int("limit"))
             } else {
-                int("reset_ms")
-            })
-        );
+                int("remaining")
+            };
+            let used = (int("limit") - remaining).max(0);
+            LimitStanding {
+                name: get("name"),
+                capacity: int("limit"),
+                used,
+                remaining,
+                reset_ms: if unit == "lease" && used == 0 {
+                    0
+                } else {
+                    int("reset_ms")
+                },
+                warn: int("warn") == 1,
+                unit,
+            }
+        })
+        .collect();
+    Ok(Standing { plan, via, limits })
+}
+
+/// `*` is the key's assigned plan, else the default plan (as the module resolves it);
+/// any other name is itself.
+fn resolve_plan(
+    con: &mut nodes::KeyConnection,
+    key: &str,
+    plan: &str,
+) -> Result<(String, Option<&'static str>), Failure> {
+    if plan != "*" {
+        return Ok((plan.to_string(), None));
     }
-    Ok(())
+    let assigned: Option<String> = query(con, redis::cmd("RL.ASSIGN").arg(key))?;
+    if let Some(assigned) = assigned {
+        return Ok((assigned, Some("assigned to the key")));
+    }
+    let info = nodes::tollgate_info(con.connection())
+        .map_err(|e| Failure::Server(format!("{}: {e}", con.node())))?;
+    match info.get("plans_default").filter(|d| !d.is_empty()) {
+        Some(default) => Ok((default.clone(), Some("the default plan"))),
+        None => Err(Failure::Server(format!(
+            "{key} has no assigned plan and there is no default plan, so '*' names none"
+        ))),
+    }
 }
 
 /// A reply map (RESP2 flat array or RESP3 map) as pairs.
@@ -469,4 +593,20 @@ fn credits_blocks(options: &Options, key: &str) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_url_is_where_make_run_starts_a_server() {
+        let makefile = include_str!("../../Makefile");
+        let port = makefile
+            .lines()
+            .find_map(|l| l.strip_prefix("PORT ?= "))
+            .unwrap();
+        assert_eq!(
+            super::DEFAULT_URL,
+            format!("redis://127.0.0.1:{}", port.trim())
+        );
+    }
 }

@@ -1,5 +1,5 @@
-//! The servers a command talks to: one server, or every node of a cluster (found
-//! from a seed node's `CLUSTER NODES`).
+//! The servers a command talks to: one server, every node of a cluster (found from a
+//! seed node's `CLUSTER NODES`), or the node serving one key (following `MOVED`).
 
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 
@@ -16,6 +16,116 @@ impl Node {
         redis::Client::open(self.info.clone())
             .and_then(|c| c.get_connection_with_timeout(std::time::Duration::from_secs(5)))
             .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// The node at `host`:`port`, reached like this one (credentials, TLS). An empty
+    /// host (a cluster node that announces none) means this node's host.
+    fn at(&self, host: &str, port: u16) -> Node {
+        let host = if host.is_empty() {
+            match self.info.addr() {
+                ConnectionAddr::Tcp(h, _) | ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
+                _ => "127.0.0.1".to_string(),
+            }
+        } else {
+            host.to_string()
+        };
+        let addr = match self.info.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host.clone(), port),
+        };
+        Node {
+            name: format!("{host}:{port}"),
+            primary: true,
+            info: self.info.clone().set_addr(addr),
+        }
+    }
+
+    /// The node a `MOVED`/`ASK` error's `host:port` names.
+    fn redirected(&self, addr: &str) -> Result<Node, String> {
+        addr.rsplit_once(':')
+            .and_then(|(host, port)| Some(self.at(host, port.parse().ok()?)))
+            .ok_or_else(|| format!("{}: cannot follow a redirect to '{addr}'", self.name))
+    }
+}
+
+/// How many `MOVED` redirects one command follows before giving up (a cluster whose
+/// slots are being moved around settles well within it).
+const MAX_REDIRECTS: usize = 5;
+
+/// A connection for the commands about one key. Following redirects (`--cluster`), a
+/// `MOVED` reply moves it to the node serving the key, where it stays (so later
+/// commands, `INFO` included, ask that node too); `ASK` (a slot halfway through a
+/// migration) is followed for the one command. Not following, a redirect is an error
+/// that suggests `--cluster`.
+pub struct KeyConnection {
+    node: Node,
+    con: redis::Connection,
+    follow_redirects: bool,
+}
+
+impl KeyConnection {
+    pub fn open(node: Node, follow_redirects: bool) -> Result<KeyConnection, String> {
+        let con = node.connect()?;
+        Ok(KeyConnection {
+            node,
+            con,
+            follow_redirects,
+        })
+    }
+
+    /// The node this connection talks to now.
+    pub fn node(&self) -> &str {
+        &self.node.name
+    }
+
+    /// The connection to that node, for commands without a key (`INFO`).
+    pub fn connection(&mut self) -> &mut redis::Connection {
+        &mut self.con
+    }
+
+    pub fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, String> {
+        for _ in 0..MAX_REDIRECTS {
+            let error = match cmd.query::<T>(&mut self.con) {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            let (code, target) = match (error.code(), error.redirect_node()) {
+                (Some(code @ ("MOVED" | "ASK")), Some((addr, _))) => (code, addr.to_string()),
+                _ => return Err(error.to_string()),
+            };
+            if !self.follow_redirects {
+                return Err(format!(
+                    "{}: {code} {}: the key is served by another cluster node (add --cluster to follow it)",
+                    self.node.name,
+                    error.detail().unwrap_or_default()
+                ));
+            }
+            let node = self.node.redirected(&target)?;
+            if code == "ASK" {
+                let mut con = node.connect()?;
+                redis::cmd("ASKING")
+                    .query::<()>(&mut con)
+                    .map_err(|e| format!("{}: ASKING: {e}", node.name))?;
+                return cmd
+                    .query(&mut con)
+                    .map_err(|e| format!("{}: {e}", node.name));
+            }
+            self.con = node.connect()?;
+            self.node = node;
+        }
+        Err(format!(
+            "{}: still redirected after {MAX_REDIRECTS} MOVED replies",
+            self.node.name
+        ))
     }
 }
 
@@ -70,26 +180,9 @@ pub fn cluster(url: &str) -> Result<Vec<Node>, String> {
         let Ok(port) = port.parse::<u16>() else {
             continue;
         };
-        let host = if host.is_empty() { "127.0.0.1" } else { host };
-        let tcp = match seed.info.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host: host.to_string(),
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host.to_string(), port),
-        };
-        let info = seed.info.clone().set_addr(tcp);
-        nodes.push(Node {
-            name: format!("{host}:{port}"),
-            primary: flags.contains("master"),
-            info,
-        });
+        let mut node = seed.at(host, port);
+        node.primary = flags.contains("master");
+        nodes.push(node);
     }
     if nodes.is_empty() {
         return Err(format!(
