@@ -143,15 +143,15 @@ async def test_reserve_settles_releases_and_heartbeats(alimiter: AsyncLimiter) -
     assert (await alimiter.peek(key, plan, costs={"token": 800})).allowed
 
     one = uniq("plan")
-    await alimiter.plans.set(one, {"jobs": "concurrency 1 ttl 300ms"})
+    await alimiter.plans.set(one, {"jobs": "concurrency 1 ttl 500ms"})
     with pytest.raises(RuntimeError):
         async with alimiter.reserve(key, one):
             with pytest.raises(Denied):
                 async with alimiter.reserve(key, one):
                     pass  # pragma: no cover
             raise RuntimeError("boom")
-    async with alimiter.reserve(key, one, heartbeat_ms=80) as r:
-        await asyncio.sleep(0.7)
+    async with alimiter.reserve(key, one, heartbeat_ms=100) as r:
+        await asyncio.sleep(1.2)
         assert not (await alimiter.peek(key, one)).allowed
     assert (await alimiter.peek(key, one)).allowed
 

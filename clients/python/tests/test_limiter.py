@@ -239,10 +239,10 @@ def test_reserve_releases_on_an_exception_and_raises_denied(limiter: Limiter) ->
 
 def test_reserve_heartbeats_a_long_job(limiter: Limiter) -> None:
     plan = uniq("plan")
-    limiter.plans.set(plan, {"jobs": "concurrency 1 ttl 300ms"})
+    limiter.plans.set(plan, {"jobs": "concurrency 1 ttl 500ms"})
     key = uniq("user")
-    with limiter.reserve(key, plan, heartbeat_ms=80) as r:
-        time.sleep(0.7)  # more than twice the lease's ttl
+    with limiter.reserve(key, plan, heartbeat_ms=100) as r:
+        time.sleep(1.2)  # more than twice the lease's ttl
         assert not limiter.peek(key, plan).allowed  # still held
         assert r.release().released
 
