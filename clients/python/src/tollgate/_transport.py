@@ -33,7 +33,7 @@ def slot_of(key: Any) -> int:
         key = key.encode("utf-8")
     elif isinstance(key, memoryview):
         key = key.tobytes()
-    return key_slot(bytes(key))
+    return int(key_slot(bytes(key)))
 
 
 def _wait_pool_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

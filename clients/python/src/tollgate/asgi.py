@@ -397,7 +397,7 @@ async def _error(
 
 
 async def _read_body(receive: Receive) -> Tuple[bytes, bool]:
-    chunks = []
+    chunks: List[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

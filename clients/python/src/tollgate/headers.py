@@ -21,7 +21,7 @@ The rule for which limit feeds which header, when a plan has several:
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ._types import Decision, Limit, ceil_seconds
 
@@ -65,7 +65,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _ietf_items(decision: Decision) -> List[tuple]:
+def _ietf_items(decision: Decision) -> List[Tuple[str, Limit]]:
     items = [(lim.name, lim) for lim in decision.limits]
     for pair in decision.also:
         items.extend((f"{pair.plan}.{lim.name}", lim) for lim in pair.limits)
