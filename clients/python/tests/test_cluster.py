@@ -137,9 +137,10 @@ def test_resp2_and_resp3_answer_identically(request, cluster) -> None:
             lim.client.close()
 
 
-def move_an_empty_slot(cluster) -> tuple:
+def move_an_empty_slot(cluster, finish: bool = True) -> tuple:
     """Pick a fresh key whose slot holds nothing, and move that slot to another
-    primary (CLUSTER SETSLOT, as a resharding does). Returns (key, new owner port)."""
+    primary (CLUSTER SETSLOT, as a resharding does; with `finish` False it stays
+    migrating). Returns (key, new owner port, finish())."""
     from redis.crc import key_slot
 
     owners = {}
@@ -165,10 +166,15 @@ def move_an_empty_slot(cluster) -> tuple:
         r.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", owners[src])
     with redis.Redis(port=src) as r:
         r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", owners[dst])
-    for port in owners:
-        with redis.Redis(port=port) as r:
-            r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owners[dst])
-    return key, dst
+
+    def done() -> None:
+        for port in owners:
+            with redis.Redis(port=port) as r:
+                r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owners[dst])
+
+    if finish:
+        done()
+    return key, dst, done
 
 
 def test_a_resharded_slot_costs_one_redirect_then_calls_go_straight_to_its_new_owner(cluster) -> None:
@@ -177,7 +183,7 @@ def test_a_resharded_slot_costs_one_redirect_then_calls_go_straight_to_its_new_o
     plan = uniq("plan")
     limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
     limiter.acquire(uniq("warm"), plan)  # the slot table is loaded before the move
-    key, dst = move_an_empty_slot(cluster)
+    key, dst, _ = move_an_empty_slot(cluster)
     before = counters(cluster)
     for i in range(5):
         d = limiter.acquire(key, plan)
@@ -195,9 +201,52 @@ async def test_a_resharded_slot_is_followed_by_the_async_client(cluster) -> None
     plan = uniq("plan")
     await limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
     await limiter.acquire(uniq("warm"), plan)
-    key, dst = move_an_empty_slot(cluster)
+    key, dst, _ = move_an_empty_slot(cluster)
     before = counters(cluster)
     for i in range(5):
         assert (await limiter.acquire(key, plan)).limit("rpm").remaining == 99 - i
     assert counters(cluster)["moved"] - before["moved"] == 1
+    await rc.aclose()
+
+
+def exists_on(port: int, key: str) -> int:
+    with redis.Redis(port=port) as r:
+        pipe = r.pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.execute_command("EXISTS", key)
+        return pipe.execute()[1]
+
+
+def test_a_migrating_slot_is_followed_with_asking(cluster) -> None:
+    rc = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    limiter = Limiter(rc)
+    plan = uniq("plan")
+    limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
+    key, dst, finish = move_an_empty_slot(cluster, finish=False)
+    try:
+        before = counters(cluster)
+        for i in range(3):
+            assert limiter.acquire(key, plan).limit("rpm").remaining == 99 - i
+        after = counters(cluster)
+        assert after["ask"] - before["ask"] == 3 and after["moved"] == before["moved"]
+        assert exists_on(dst, key) == 1
+    finally:
+        finish()
+    assert limiter.acquire(key, plan).limit("rpm").remaining == 96
+    rc.close()
+
+
+async def test_a_migrating_slot_is_followed_with_asking_async(cluster) -> None:
+    rc = AsyncRedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    limiter = AsyncLimiter(rc)
+    plan = uniq("plan")
+    await limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
+    key, dst, finish = move_an_empty_slot(cluster, finish=False)
+    try:
+        for i in range(3):
+            assert (await limiter.acquire(key, plan)).limit("rpm").remaining == 99 - i
+        assert exists_on(dst, key) == 1
+    finally:
+        finish()
+    await limiter.close()
     await rc.aclose()

@@ -5,9 +5,10 @@ Cluster: every keyed call is sent to the primary owning the subject key's slot,
 computed here (`redis.crc.key_slot`), on that node's own client -- one round trip,
 no `COMMAND GETKEYS`, and the three-part names (`RL.PLAN.*`, `RL.CREDITS.*`)
 that redis-py's cluster policy resolver refuses go through all the same. A
-`MOVED`/`ASK`/`TRYAGAIN` reply (resharding, failover) refreshes the slot table
-and tries again; a lost connection is retried only for calls that are safe to
-repeat.
+`MOVED`/`TRYAGAIN` reply (resharding, failover) refreshes the slot table and
+tries again; an `ASK` (a slot being migrated) sends `ASKING` and the call to the
+importing node on one connection; a lost connection is retried only for calls
+that are safe to repeat.
 
 WAIT: a call with `WAIT` goes over a connection pool of its own (per node), with
 no socket timeout, so it never holds a connection other calls need and is never
@@ -23,7 +24,8 @@ from typing import Any, Dict, List, Sequence
 from redis import exceptions as rex
 from redis.crc import key_slot
 
-_REDIRECTS = (rex.MovedError, rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+# MovedError is a subclass of AskError: ASK is handled before these are caught.
+_REDIRECTS = (rex.MovedError, rex.TryAgainError, rex.ClusterDownError)
 _LOST = (rex.ConnectionError, rex.TimeoutError, OSError)
 ATTEMPTS = 4
 
@@ -116,6 +118,8 @@ class SyncTransport:
                 return node_client.execute_command(*args)
             except _REDIRECTS as exc:
                 last = exc
+            except rex.AskError as exc:
+                return self._asking(exc, args)
             except _LOST as exc:
                 if not idempotent:
                     raise
@@ -124,6 +128,21 @@ class SyncTransport:
                 time.sleep(0.05 * attempt)
             self._refresh()
         raise last
+
+    def _asking(self, ask: rex.AskError, args: Sequence[Any]) -> Any:
+        """`ASKING` then the call, on one connection of the importing node (the
+        node's WAIT pool: no socket timeout, so a WAIT call fits too)."""
+        node = self.client.nodes_manager.get_node(ask.host, ask.port)
+        if node is None:
+            self._refresh()
+            node = self.client.nodes_manager.get_node(ask.host, ask.port)
+            if node is None:
+                raise ask
+        pool = self.client.get_redis_connection(node).connection_pool
+        pipe = self._wait_client(node.name, pool).pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.execute_command(*args)
+        return pipe.execute()[1]
 
     def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
         last: BaseException = rex.ClusterError("no attempt made")
@@ -209,6 +228,8 @@ class AsyncTransport:
                 return await node.execute_command(*args)
             except _REDIRECTS as exc:
                 last = exc
+            except rex.AskError as exc:
+                return await self._asking(exc, args)
             except _LOST as exc:
                 if not idempotent:
                     raise
@@ -217,6 +238,19 @@ class AsyncTransport:
                 await asyncio.sleep(0.05 * attempt)
             await self._refresh()
         raise last
+
+    async def _asking(self, ask: rex.AskError, args: Sequence[Any]) -> Any:
+        node = self.client.nodes_manager.get_node(ask.host, ask.port)
+        if node is None:
+            await self._refresh()
+            node = self.client.nodes_manager.get_node(ask.host, ask.port)
+            if node is None:
+                raise ask
+        client = self._wait_client(node.name, node.connection_class, dict(node.connection_kwargs))
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.execute_command(*args)
+        return (await pipe.execute())[1]
 
     async def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
         import asyncio
