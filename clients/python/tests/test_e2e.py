@@ -328,3 +328,21 @@ def test_a_plan_the_server_does_not_know_is_a_logged_500(standalone, upstream, a
     assert e.value.response.json()["error"]["type"] == "limiter_error"
     assert any("unknown plan" in m for m in caplog.messages)
     assert len(upstream.calls) == calls
+
+
+def test_a_client_that_leaves_while_queued_is_never_charged(standalone, upstream, admin) -> None:
+    tiers = Tiers(admin, {"free": {"jobs": "concurrency 1 ttl 30s", "rpm": "sliding 100/1m"}})
+    key, plan = tiers.key("user_001"), tiers.names["free"]
+    with serve(app_for(standalone, upstream, tiers, enforce="queue", queue_ms=5000)) as url:
+        calls = len(upstream.calls)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(lambda: chat(client(url), delay_ms=1500))
+            assert wait_until(lambda: not admin.peek(key, plan).allowed)
+            impatient = openai.OpenAI(base_url=f"{url}/v1", api_key="key_free_001", max_retries=0, timeout=0.3)
+            with pytest.raises(openai.APITimeoutError):
+                chat(impatient)
+            slow.result()
+        # Only the first call was ever charged or sent upstream; the slot is free.
+        assert wait_until(lambda: admin.peek(key, plan).allowed)
+        assert admin.peek(key, plan, requests=0).limit("rpm").remaining == 99
+        assert len(upstream.calls) == calls + 1

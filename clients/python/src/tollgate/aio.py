@@ -121,6 +121,7 @@ class AsyncLimiter:
         self._t = AsyncTransport(client)
         self.credits = AsyncCredits(self._t)
         self.plans = AsyncPlans(self._t)
+        self._background: "set[asyncio.Future[None]]" = set()
 
     async def acquire(
         self,
@@ -198,6 +199,28 @@ class AsyncLimiter:
         of the lease's time to live; 0 turns it off)."""
         return AsyncReservation(self, subject, plan, heartbeat_ms, acquire_kwargs)
 
+    async def acquire_or_forget(self, subject: Key, plan: str, **kwargs: Any) -> Decision:
+        """`acquire` with an `id`, which is released if the call is cancelled
+        before its reply arrives (the server may have admitted it: a client
+        that gave up while queued in WAIT must not hold a lease until it
+        expires)."""
+        request_id = kwargs.get("id")
+        if request_id is None:
+            raise ValueError("acquire_or_forget needs an id")
+        try:
+            return await self.acquire(subject, plan, **kwargs)
+        except asyncio.CancelledError:
+            task = asyncio.ensure_future(self._forget(subject, request_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+
+    async def _forget(self, subject: Key, request_id: str) -> None:
+        try:
+            await self.release(subject, request_id)
+        except Exception:  # the lease expires by itself
+            pass
+
     async def close(self) -> None:
         """Close the WAIT connections this limiter opened (not the client)."""
         await self._t.close()
@@ -234,7 +257,7 @@ class AsyncReservation:
         kwargs = dict(self._kwargs)
         if kwargs.get("id") is None:
             kwargs["id"] = new_request_id()
-        decision = await self.limiter.acquire(self.subject, self.plan, **kwargs)
+        decision = await self.limiter.acquire_or_forget(self.subject, self.plan, **kwargs)
         if not decision.allowed:
             raise Denied(decision)
         self.decision = decision

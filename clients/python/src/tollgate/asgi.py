@@ -15,7 +15,8 @@ For each HTTP request (under `paths`) it
    `Retry-After` when it can succeed later, 413 when the cost can never fit the
    plan, 403 when the plan does not allow the endpoint, 402 when the credits
    key is short; with `enforce="queue"` it first waits up to `queue_ms`
-   (`WAIT`, with the subject's priority); with `enforce="degrade"` a denied
+   (`WAIT`, with the subject's priority; a client that disconnects meanwhile
+   leaves the queue, and whatever was granted is released); with `enforce="degrade"` a denied
    call is tried once more under `degrade_plan` (plans' own `fallback` chains
    work in every mode);
 4. runs the app with the decision in `request.state.tollgate` (its `plan` says
@@ -184,7 +185,12 @@ class TollgateMiddleware:
         costs = dict(subject.costs) if subject.costs is not None else self.costs.estimate(parsed)
         request_id = uuid.uuid4().hex
         try:
-            decision = await self._decide(subject, costs, request_id)
+            if self.enforce == "queue" and not disconnected:
+                decision = await self._decide_unless_gone(subject, costs, request_id, receive)
+                if decision is None:
+                    return  # the client left while queued: nothing is held, nothing to answer
+            else:
+                decision = await self._decide(subject, costs, request_id)
         except _UNREACHABLE as exc:
             if self.fail_open:
                 logger.error("tollgate: Redis unreachable (%s): failing open, request not metered", exc)
@@ -204,6 +210,28 @@ class TollgateMiddleware:
             return
         await self._run(scope, replay, send, subject, decision, parsed, costs)
 
+    async def _decide_unless_gone(
+        self, subject: Subject, costs: Mapping[str, int], request_id: str, receive: Receive
+    ) -> Optional[Decision]:
+        """Queue mode: wait for admission, but give up (and release whatever
+        the server may have granted) when the client disconnects meanwhile."""
+        deciding = asyncio.ensure_future(self._decide(subject, costs, request_id))
+        watching = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait({deciding, watching}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            deciding.cancel()
+            raise
+        finally:
+            if not watching.done():
+                watching.cancel()
+        if deciding.done():
+            return deciding.result()
+        if watching.result().get("type") == "http.disconnect":
+            deciding.cancel()
+            return None
+        return await deciding
+
     async def _decide(self, subject: Subject, costs: Mapping[str, int], request_id: str) -> Decision:
         kwargs: Dict[str, Any] = dict(
             costs=costs,
@@ -217,11 +245,12 @@ class TollgateMiddleware:
             kwargs["wait_ms"] = self.queue_ms
             kwargs["priority"] = subject.priority
         timeout = self.redis_timeout_s + (self.queue_ms / 1000.0 if self.enforce == "queue" else 0)
-        decision = await asyncio.wait_for(self.limiter.acquire(subject.key, subject.plan, **kwargs), timeout)
+        acquire = self.limiter.acquire_or_forget
+        decision = await asyncio.wait_for(acquire(subject.key, subject.plan, **kwargs), timeout)
         if not decision.allowed and self.enforce == "degrade" and not decision.never:
             plan = self._degrade_plan(subject)
             if plan and plan != subject.plan and plan != decision.plan:
-                second = await asyncio.wait_for(self.limiter.acquire(subject.key, plan, **kwargs), timeout)
+                second = await asyncio.wait_for(acquire(subject.key, plan, **kwargs), timeout)
                 if second.allowed:
                     decision = dataclasses.replace(second, requested_plan=subject.plan)
         return decision
