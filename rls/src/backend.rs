@@ -29,7 +29,7 @@ enum Inner {
     },
     Cluster {
         client: Box<redis::cluster::ClusterClient>,
-        connection: Mutex<Option<redis::cluster_async::ClusterConnection>>,
+        connection: Mutex<Option<(redis::cluster_async::ClusterConnection, std::time::Instant)>>,
     },
 }
 
@@ -95,14 +95,29 @@ impl Redis {
             )));
         };
         let mut guard = connection.lock().await;
-        if let Some(c) = guard.as_ref() {
+        if let Some((c, _)) = guard.as_ref() {
             return Ok(c.clone());
         }
         let c = tokio::time::timeout(self.timeout * 10, client.get_async_connection())
             .await
             .map_err(|_| timeout_error())??;
-        *guard = Some(c.clone());
+        *guard = Some((c.clone(), std::time::Instant::now()));
         Ok(c)
+    }
+
+    /// After a failure in a cluster, starts over from the seeds (at most once a
+    /// second): a fresh connection reads the slot map anew, so a promoted replica is
+    /// found even when calls only ever timed out.
+    async fn forget_cluster_connection(&self) {
+        if let Inner::Cluster { connection, .. } = &*self.inner {
+            let mut guard = connection.lock().await;
+            if guard
+                .as_ref()
+                .is_some_and(|(_, since)| since.elapsed() > Duration::from_secs(1))
+            {
+                *guard = None;
+            }
+        }
     }
 
     /// Runs one command (routed by its first key in a cluster).
@@ -126,9 +141,21 @@ impl Redis {
                 }
             }
         };
-        tokio::time::timeout(self.timeout, work)
+        let result = tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| timeout_error())?
+            .map_err(|_| timeout_error())
+            .and_then(|r| r);
+        if let Err(e) = &result {
+            if self.is_cluster()
+                && !matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                )
+            {
+                self.forget_cluster_connection().await;
+            }
+        }
+        result
     }
 
     /// Runs one command on every primary (plans are per node), failing if any fails.

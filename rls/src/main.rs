@@ -285,8 +285,17 @@ async fn run(args: Args, initial: config::Config) -> Result<(), Box<dyn std::err
 
     // Reload on change (debounced; also retried while plans cannot be applied).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let dir = std::fs::canonicalize(&args.config_dir).unwrap_or_else(|_| args.config_dir.clone());
+    let watched = args.config_dir.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // The parent is watched for a swap of the directory itself: ignore its other
+        // entries (a busy /tmp would reload for nothing).
+        let relevant = event.is_ok_and(|e| {
+            e.paths.iter().any(|p| {
+                p.starts_with(&dir) || p.starts_with(&watched) || p == &dir || p == &watched
+            })
+        });
+        if relevant {
             let _ = tx.send(());
         }
     })?;

@@ -205,6 +205,16 @@ impl Cluster {
         );
         let c = Cluster { nodes };
         c.wait_healthy();
+        wait_until(30, "every primary to have a synced replica", || {
+            c.nodes.iter().all(|n| {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut n.client())
+                    .unwrap_or_default();
+                info.contains("role:slave") && info.contains("master_link_status:up")
+                    || info.contains("role:master") && info.contains("connected_slaves:1")
+            })
+        });
         c
     }
 

@@ -13,4 +13,6 @@
 mod harness;
 
 mod basics;
+mod cluster;
+mod ops;
 mod semantics;
