@@ -23,16 +23,23 @@ pub unsafe extern "C" fn info(
         let snapshot = STATE.with(|s| {
             let waiting = s.waiters.total() as u64;
             let default = s.plans.default_plan().unwrap_or("").to_string();
+            let health = [
+                ("plans_tombstones", s.plans.tombstones() as u64),
+                ("plans_unusable", s.plans.unusable().len() as u64),
+                ("plans_fallback_loops", s.plans.fallback_loops() as u64),
+            ];
             (
                 s.stats.clone(),
                 s.plans.len() as u64,
                 s.plans.version(),
-                s.plans.digest(),
+                (s.plans.digest(), s.plans.sync_digest()),
                 waiting,
                 default,
+                health,
             )
         });
-        let Ok((stats, plans, version, digest, waiting, default)) = snapshot else {
+        let Ok((stats, plans, version, (digest, sync_digest), waiting, default, health)) = snapshot
+        else {
             return;
         };
         api!(RedisModule_InfoAddSection(ctx, c"stats".as_ptr().cast_mut()) else 0);
@@ -69,5 +76,18 @@ pub unsafe extern "C" fn info(
         if let Ok(hex) = CString::new(format!("{digest:016x}")) {
             api!(RedisModule_InfoAddFieldCString(ctx, c"plans_digest".as_ptr().cast_mut(), hex.as_ptr().cast_mut() as *mut c_char) else 0);
         }
+        if let Ok(hex) = CString::new(format!("{sync_digest:016x}")) {
+            api!(RedisModule_InfoAddFieldCString(ctx, c"plans_sync_digest".as_ptr().cast_mut(), hex.as_ptr().cast_mut() as *mut c_char) else 0);
+        }
+        for (name, value) in health {
+            field(ctx, name, value);
+        }
+        let sync = crate::plansync::stats();
+        field(ctx, "plans_sync_sent", sync.sent);
+        field(ctx, "plans_sync_received", sync.received);
+        field(ctx, "plans_sync_applied", sync.applied);
+        field(ctx, "plans_sync_stale", sync.stale);
+        field(ctx, "plans_sync_requests", sync.requests);
+        field(ctx, "plans_sync_refused", sync.refused);
     });
 }

@@ -15,6 +15,7 @@ mod commands;
 mod config;
 mod credits_type;
 mod info;
+mod plansync;
 mod rdb;
 mod reply;
 mod server;
@@ -78,6 +79,10 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
         return Status::Err;
     }
     api!(RedisModule_RegisterInfoFunc(ctx.ctx, Some(info::info)) else 0);
+    if let Err(e) = plansync::init(&server::Ctx(ctx.ctx)) {
+        ctx.log_warning(&e);
+        return Status::Err;
+    }
     let config_event = raw::RedisModuleEvent {
         id: raw::REDISMODULE_EVENT_CONFIG,
         dataver: 1,

@@ -89,6 +89,7 @@ entry!(grant_entry => credits::grant);
 entry!(assign_entry => assign::assign);
 entry!(unassign_entry => assign::unassign);
 entry!(plan_default_entry => plans::default);
+entry!(plan_merge_entry => crate::plansync::merge_command);
 entry!(deduct_entry => credits::deduct);
 entry!(refund_entry => credits::refund);
 entry!(balance_entry => credits::balance);
@@ -284,6 +285,15 @@ pub const COMMANDS: &[Command] = &[
         arity: 3,
         summary: c"Remove a block; returns what it still held.",
         complexity: c"O(log B)",
+    },
+    Command {
+        name: "rl.plan.merge",
+        entry: plan_merge_entry,
+        flags: "write",
+        keys: Keys::None,
+        arity: 2,
+        summary: c"Internal: merge stamped plan changes (sent by primaries and the AOF).",
+        complexity: c"O(L) for the L limits of the plans changed",
     },
     Command {
         name: "rl.apply",

@@ -1,8 +1,10 @@
-//! `RL.PLAN.SET/GET/DEL/LIST`: plans are module-global configuration, shaped like
-//! hashes. Changes are deterministic, so they replicate verbatim; they persist as RDB
-//! aux data.
+//! `RL.PLAN.SET/GET/DEL/LIST/DEFAULT`: plans are module-global configuration, shaped
+//! like hashes. A change is stamped by the node that makes it and published by
+//! `crate::plansync` (replicated as `RL.PLAN.MERGE`, and broadcast to the other nodes of
+//! a cluster); plans persist as RDB aux data.
 
 use crate::args::{Args, CmdError, CmdResult};
+use crate::plansync::{author, node_id, publish};
 use crate::server::Ctx;
 use crate::state::STATE;
 
@@ -20,11 +22,13 @@ pub fn set(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     for i in (2..args.len()).step_by(2) {
         pairs.push((args.str(i, "field name")?, args.str(i + 1, "spec")?));
     }
-    let added = STATE
-        .with(|s| s.plans.set(plan, &pairs, &mut s.interner))
+    let origin = node_id(ctx);
+    let by = author(ctx, &origin);
+    let (added, change) = STATE
+        .with(|s| s.plans.set_by(by, plan, &pairs, &mut s.interner))
         .map_err(internal)?
         .map_err(CmdError::err)?;
-    ctx.replicate_verbatim();
+    publish(ctx, &change);
     ctx.reply_integer(added as i64);
     Ok(())
 }
@@ -58,12 +62,14 @@ pub fn del(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let fields = (2..args.len())
         .map(|i| args.str(i, "field name"))
         .collect::<Result<Vec<_>, _>>()?;
-    let removed = STATE
-        .with(|s| s.plans.delete(plan, &fields, &mut s.interner))
+    let origin = node_id(ctx);
+    let by = author(ctx, &origin);
+    let (removed, change) = STATE
+        .with(|s| s.plans.delete_by(by, plan, &fields, &mut s.interner))
         .map_err(internal)?
         .map_err(CmdError::err)?;
-    if removed > 0 {
-        ctx.replicate_verbatim();
+    if let Some(change) = change {
+        publish(ctx, &change);
     }
     ctx.reply_integer(removed as i64);
     Ok(())
@@ -96,15 +102,19 @@ pub fn default(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             .map_err(internal),
         2 => {
             let plan = args.name(1, "plan")?;
-            STATE
+            let origin = node_id(ctx);
+            let by = author(ctx, &origin);
+            let change = STATE
                 .with(|s| {
                     if s.plans.get(plan).is_none() {
                         return Err(CmdError::err(format_args!("unknown plan '{plan}'")));
                     }
-                    s.plans.set_default(Some(plan)).map_err(CmdError::err)
+                    s.plans
+                        .set_default_by(by, Some(plan))
+                        .map_err(CmdError::err)
                 })
                 .map_err(internal)??;
-            ctx.replicate_verbatim();
+            publish(ctx, &change);
             ctx.reply_simple(c"OK");
             Ok(())
         }

@@ -160,11 +160,16 @@ impl Server {
     }
 
     fn launch(dir: PathBuf, args: Vec<String>) -> Server {
+        Server::launch_on(dir, args, None)
+    }
+
+    /// Starts on `port` if given (one attempt), else on a free port (a few attempts).
+    fn launch_on(dir: PathBuf, args: Vec<String>, port: Option<u16>) -> Server {
         let binary = server_binary();
         let module = module_path();
         let mut last_error = String::new();
-        for _attempt in 0..5 {
-            let port = free_port();
+        for _attempt in 0..if port.is_some() { 1 } else { 5 } {
+            let port = port.unwrap_or_else(free_port);
             let mut cmd = Command::new(&binary);
             cmd.arg("--port")
                 .arg(port.to_string())
@@ -270,6 +275,15 @@ impl Server {
         let args = self.args.clone();
         drop(self);
         Server::launch(dir, args)
+    }
+
+    /// Like [`Server::restart`], on the same port (a cluster node keeps its address).
+    pub fn restart_same_port(mut self) -> Server {
+        self.kill();
+        self.keep_dir = true;
+        let (dir, args, port) = (self.dir.clone(), self.args.clone(), self.port);
+        drop(self);
+        Server::launch_on(dir, args, Some(port))
     }
 
     pub fn log(&self) -> String {
@@ -489,19 +503,26 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(primaries: usize) -> Cluster {
+        Cluster::start_with(primaries, &[])
+    }
+
+    /// The arguments every cluster node gets.
+    pub const NODE_ARGS: [&'static str; 8] = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "1500",
+        "--appendonly",
+        "yes",
+    ];
+
+    /// A cluster whose nodes also get `extra` arguments.
+    pub fn start_with(primaries: usize, extra: &[&str]) -> Cluster {
+        let args: Vec<&str> = Cluster::NODE_ARGS.iter().chain(extra).copied().collect();
         let nodes: Vec<Server> = (0..primaries * 2)
-            .map(|_| {
-                Server::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1500",
-                    "--appendonly",
-                    "yes",
-                ])
-            })
+            .map(|_| Server::start_with(&args))
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
