@@ -213,6 +213,13 @@ pub fn apply_changes(con: &mut redis::Connection, changes: &[Change]) -> Result<
     Ok(())
 }
 
+/// The plan-set digest a node reports (`INFO tollgate`: `plans_digest`).
+pub fn plans_digest(con: &mut redis::Connection) -> Result<u64, String> {
+    let info = tollgate_info(con)?;
+    let hex = info.get("plans_digest").map(String::as_str).unwrap_or("");
+    u64::from_str_radix(hex, 16).map_err(|_| format!("INFO tollgate has no plans_digest ({hex:?})"))
+}
+
 /// Waits until every node reports `digest` (replicas follow their primaries).
 /// Returns the nodes that still disagree after `timeout`.
 pub fn verify(nodes: &[Node], digest: u64, timeout: Duration) -> Vec<String> {

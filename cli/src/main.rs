@@ -54,11 +54,13 @@ const HELP_APPLY: &str = "\
 tollgate plans apply FILE [--dry-run] [--prune]
 
 Validates the whole plans file first (nothing is applied if any plan is invalid),
-then on the server — or, with --cluster, on every primary — sets the plans the file
-defines, removes fields the file no longer has, and sets the default plan. Prints
-each change. Plans the server holds and the file does not define are kept and
-listed (--prune deletes them). Then waits until every node, replicas included,
-reports the plan-set digest of the result (INFO tollgate: plans_digest).
+then on the server — or, with --cluster, on the first primary — sets the plans the
+file defines, removes fields the file no longer has, and sets the default plan.
+Prints each change. Plans the server holds and the file does not define are kept
+and listed (--prune deletes them). In a cluster the changes reach every node by
+themselves; a primary that does not hold them within 3 s gets them applied
+directly. Then waits until every node, replicas included, reports the plan-set
+digest of the result (INFO tollgate: plans_digest).
 
   --dry-run   print the changes without making them
   --prune     also delete plans the file does not define
@@ -291,6 +293,11 @@ fn read_plans(file: &str) -> Result<plansfile::PlanSet, Failure> {
     plansfile::parse(&text).map_err(|e| Failure::File(format!("{file}: {e}")))
 }
 
+/// How long `plans apply` gives a primary to receive the changes made on the first one
+/// (plan changes reach every node of a cluster by themselves, within milliseconds)
+/// before applying them there too.
+const PROPAGATION: Duration = Duration::from_secs(3);
+
 fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
     let wanted = read_plans(file)?;
     wanted.digest().map_err(|e| Failure::File(e.to_string()))?;
@@ -302,7 +309,15 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
     // the file names none.
     let mut expected = wanted.clone();
     let mut total = 0;
+    // What the first primary holds once changed: the others receive it by themselves.
+    let mut applied: Option<u64> = None;
     for node in targets.iter().filter(|n| n.primary) {
+        if let Some(first) = applied {
+            if apply::verify(std::slice::from_ref(node), first, PROPAGATION).is_empty() {
+                println!("{}: up to date (propagated)", node.name);
+                continue;
+            }
+        }
         let mut con = node.connect().map_err(Failure::Server)?;
         let current =
             apply::fetch(&mut con).map_err(|e| Failure::Server(format!("{}: {e}", node.name)))?;
@@ -336,6 +351,7 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
         if !dry_run {
             apply::apply_changes(&mut con, &changes)
                 .map_err(|e| Failure::Server(format!("{}: {e}", node.name)))?;
+            applied = Some(apply::plans_digest(&mut con).map_err(Failure::Server)?);
         }
     }
     if dry_run {

@@ -1,5 +1,6 @@
-//! A real 3-primary / 3-replica Redis Cluster: plans on every node through the CLI,
-//! routing, failover and resharding.
+//! A real 3-primary / 3-replica Redis Cluster: plans on every node through the CLI
+//! (applied on one primary, propagated to the others), routing, failover and
+//! resharding. Plan propagation itself is tested in `plansync`.
 
 use std::process::Command;
 
@@ -27,6 +28,8 @@ fn apply_plans(cluster: &Cluster) {
     ]);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("6 nodes report plan-set digest"), "{out}");
+    // Applied on one primary, the plans reached the two others by themselves.
+    assert_eq!(out.matches("up to date (propagated)").count(), 2, "{out}");
 }
 
 fn cluster_connection(cluster: &Cluster) -> redis::cluster::ClusterConnection {
