@@ -36,7 +36,7 @@ from tollgate import AsyncLimiter, Limiter  # noqa: E402
 from tollgate import _protocol as proto  # noqa: E402
 
 PLAN = {"rpm": "sliding 1000000000/1m", "tpm": "bucket 1000000000 token/1m", "tpd": "fixed 1000000000 token/1d"}
-N = int(os.environ.get("BENCH_N", "20000"))
+N = int(os.environ.get("BENCH_N", "5000"))
 
 
 ROUNDS = 5

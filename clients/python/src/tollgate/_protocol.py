@@ -26,6 +26,25 @@ Costs = Optional[Mapping[str, int]]
 Pairs = Optional[Sequence[Tuple[Key, str]]]
 
 
+_NAMES: Dict[Any, str] = {}
+_NAMES_MAX = 4096
+
+
+def name(value: Any) -> str:
+    """A reply's field name or short string (a limit, unit or plan name) as
+    str; the few distinct ones are decoded once and remembered."""
+    try:
+        return _NAMES[value]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable: not a name
+        raise TollgateError(f"malformed reply: expected a name, got {value!r}") from None
+    out = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    if len(_NAMES) < _NAMES_MAX and isinstance(value, (bytes, str)):
+        _NAMES[value] = out
+    return out
+
+
 def text(value: Any) -> Any:
     """bytes -> str (UTF-8, undecodable bytes replaced); anything else as is."""
     if isinstance(value, (bytes, bytearray)):
@@ -34,24 +53,26 @@ def text(value: Any) -> Any:
 
 
 def opt_text(value: Any) -> Optional[str]:
-    value = text(value)
-    if value is None or value == "":
+    if value is None or value == "" or value == b"":
         return None
-    return str(value)
+    return name(value)
 
 
 def as_map(reply: Any) -> Dict[str, Any]:
     """A RESP3 map or a RESP2 flat key/value array as a dict with str keys."""
     if isinstance(reply, dict):
-        return {text(k): v for k, v in reply.items()}
+        return {name(k): v for k, v in reply.items()}
     if isinstance(reply, (list, tuple)):
         if len(reply) % 2:
             raise TollgateError(f"malformed reply: odd-length key/value array {reply!r}")
-        return {text(reply[i]): reply[i + 1] for i in range(0, len(reply), 2)}
+        it = iter(reply)
+        return {name(k): v for k, v in zip(it, it)}
     raise TollgateError(f"malformed reply: expected a map, got {reply!r}")
 
 
 def as_int(value: Any, default: int = 0) -> int:
+    if type(value) is int:
+        return value
     if value is None:
         return default
     if isinstance(value, (bytes, bytearray, str)):
@@ -61,22 +82,25 @@ def as_int(value: Any, default: int = 0) -> int:
 
 def parse_limit(reply: Any) -> Limit:
     m = as_map(reply)
-    unit = str(text(m.get("unit", "request")))
-    kind = opt_text(m.get("kind"))
+    get = m.get
+    unit_raw = get("unit")
+    unit = "request" if unit_raw is None else name(unit_raw)
+    kind_raw = get("kind")
+    kind = None if kind_raw is None else name(kind_raw)
     if kind is None and unit == "lease":
         kind = "concurrency"
-    window = m.get("window_ms")
-    used = m.get("used")
+    window = get("window_ms")
+    used = get("used")
     return Limit(
-        name=str(text(m.get("name", ""))),
-        unit=unit,
-        limit=as_int(m.get("limit")),
-        remaining=as_int(m.get("remaining")),
-        reset_ms=as_int(m.get("reset_ms")),
-        warn=bool(as_int(m.get("warn"))),
-        kind=kind,
-        window_ms=None if window is None else as_int(window),
-        used=None if used is None else as_int(used),
+        name("" if get("name") is None else get("name")),
+        unit,
+        as_int(get("limit")),
+        as_int(get("remaining")),
+        as_int(get("reset_ms")),
+        bool(as_int(get("warn"))),
+        kind,
+        None if window is None else as_int(window),
+        None if used is None else as_int(used),
     )
 
 
@@ -101,14 +125,14 @@ def parse_decision(reply: Any, key: Key = "", requested_plan: str = "") -> Decis
         allowed=bool(as_int(m.get("allowed"))),
         retry_after_ms=as_int(m.get("retry_after_ms")),
         denied_by=opt_text(m.get("denied_by")),
-        plan=str(text(m.get("plan", requested_plan))),
+        plan=name(m.get("plan", requested_plan)),
         limits=parse_limits(m.get("limits")),
-        id=opt_text(m.get("id")),
+        id=None if m.get("id") is None else str(text(m["id"])),
         credits=None if credits is None else as_int(credits),
         denied_key=opt_text(m.get("denied_key")),
         also=also,
         shadow_denied_by=opt_text(m.get("shadow_denied_by")),
-        key=str(text(key)),
+        key=key if isinstance(key, str) else str(text(key)),
         requested_plan=requested_plan,
     )
 

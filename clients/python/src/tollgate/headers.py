@@ -61,8 +61,17 @@ def tightest(limits: Iterable[Limit], unit: str) -> Optional[Limit]:
     return best
 
 
+_QUOTED: Dict[str, str] = {}
+
+
 def _quote(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """An RFC 8941 string (names repeat: each is quoted once)."""
+    out = _QUOTED.get(name)
+    if out is None:
+        out = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if len(_QUOTED) < 4096:
+            _QUOTED[name] = out
+    return out
 
 
 def _ietf_items(decision: Decision) -> List[Tuple[str, Limit]]:
