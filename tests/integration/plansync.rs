@@ -168,9 +168,37 @@ fn wait_converged(cluster: &Cluster, ms: u64) {
     assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:#?}");
 }
 
+/// Waits until every node has a live bus link to every other one and every replica has
+/// finished its first sync. A cluster reports `ok` once slots agree, which gossip can
+/// settle before all links are up, and while replicas still load their primary's data:
+/// a change made before then reaches those nodes only on the next summary (~1 s) or
+/// once their sync completes.
+fn wait_settled(cluster: &Cluster) {
+    let nodes = live(cluster);
+    within(
+        20_000,
+        "every bus link up and every replica in sync",
+        || {
+            nodes.iter().all(|n| {
+                let mut con = n.client();
+                let listing = string(&mut con, &["CLUSTER", "NODES"]);
+                let links_up = listing.lines().count() == nodes.len()
+                    && listing.lines().all(|l| {
+                        l.contains("myself") || l.split_whitespace().nth(7) == Some("connected")
+                    });
+                let replication = string(&mut con, &["INFO", "replication"]);
+                links_up
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            })
+        },
+    );
+}
+
 #[test]
 fn a_change_on_one_primary_reaches_all_six_nodes_within_a_second() {
     let cluster = Cluster::start(3);
+    wait_settled(&cluster);
     let ps = primaries(&cluster);
     assert_eq!(ps.len(), 3);
     let mut cons: Vec<redis::Connection> = live(&cluster).iter().map(|n| n.client()).collect();
@@ -364,21 +392,33 @@ fn a_node_killed_during_a_series_of_changes_converges_after_restart() {
     assert_eq!(sync_state(&mut node(&cluster, replica).client()), before);
 }
 
-/// `redis-cli --cluster add-node` with extra arguments.
+/// `redis-cli --cluster add-node` with extra arguments. Its first step, a check of the
+/// cluster, fails while nodes still disagree about the configuration (briefly, on a
+/// loaded machine) before it changes anything: that failure is retried.
 fn add_node(new: &Server, existing: &Server, extra: &[&str]) {
-    let out = std::process::Command::new("redis-cli")
-        .args(["--cluster", "add-node"])
-        .arg(format!("127.0.0.1:{}", new.port))
-        .arg(format!("127.0.0.1:{}", existing.port))
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "add-node: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for _attempt in 0..20 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{}", new.port))
+            .arg(format!("127.0.0.1:{}", existing.port))
+            .args(extra)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            said.contains("don't agree about configuration"),
+            "add-node: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("add-node: the cluster never agreed about its configuration");
 }
 
 #[test]
@@ -401,16 +441,36 @@ fn nodes_added_later_get_the_plans() {
     run(&mut p0, &["RL.PLAN.SET", "old", "rpd", "fixed 1/1d"]);
     run(&mut p0, &["RL.PLAN.DEL", "old"]);
     run(&mut p0, &["RL.PLAN.DEFAULT", "free"]);
-    wait_converged(&cluster, 5_000);
+    // Many plans, ~3 MB in all: more than one catch-up answer carries (1 MiB).
+    let endpoints: Vec<String> = (0..45).map(|i| format!("endpoint-number-{i:03}")).collect();
+    let spec = format!("fixed 1/1s for {}", endpoints.join(","));
+    let mut pipe = redis::pipe();
+    for i in 0..3_000 {
+        pipe.cmd("RL.PLAN.SET")
+            .arg(format!("tenant-{i}"))
+            .arg("rpm")
+            .arg(&spec)
+            .ignore();
+    }
+    pipe.query::<()>(&mut p0).unwrap();
+    wait_converged(&cluster, 20_000);
 
     // A new primary (no slots yet) catches up over the bus.
     let new_primary = Server::start_with(&Cluster::NODE_ARGS);
     add_node(&new_primary, node(&cluster, ps[0]), &[]);
     let mut con = new_primary.client();
-    let took = within(15_000, "the new primary to get the plans", || {
-        view(&mut con) == view(&mut p0)
+    let took = within(30_000, "the new primary to get the plans", || {
+        sync_state(&mut con) == sync_state(&mut p0)
     });
     eprintln!("new primary has the plans after {took:?}");
+    assert_eq!(view(&mut con), view(&mut p0));
+    assert_eq!(plan_names(&mut con).len(), 3_002);
+    assert!(
+        info_field(&mut con, "plans_sync_requests")
+            .parse::<u64>()
+            .unwrap()
+            >= 3
+    );
     // A new replica gets them from its primary's full sync.
     let new_replica = Server::start_with(&Cluster::NODE_ARGS);
     let master_id = string(&mut node(&cluster, ps[1]).client(), &["CLUSTER", "MYID"]);
@@ -421,7 +481,7 @@ fn nodes_added_later_get_the_plans() {
     );
     let mut con = new_replica.client();
     within(15_000, "the new replica to get the plans", || {
-        view(&mut con) == view(&mut p0)
+        sync_state(&mut con) == sync_state(&mut p0)
     });
     cluster.nodes.push(new_primary);
     cluster.nodes.push(new_replica);
