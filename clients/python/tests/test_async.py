@@ -189,3 +189,33 @@ async def test_async_and_sync_answer_identically(request: pytest.FixtureRequest,
         b = sync.acquire(k2, plan, costs=costs)
         assert strip_time(a, k1) == strip_time(b, k2)
     sync.client.close()
+
+
+async def test_the_readme_stream_pattern_settles_at_the_end_and_releases_when_dropped(alimiter: AsyncLimiter) -> None:
+    plan = uniq("plan")
+    await alimiter.plans.set(plan, {"tpm": "fixed 1000 token/1m", "jobs": "concurrency 1 ttl 30s"})
+    key = uniq("user")
+
+    async def model_stream():
+        for i in range(5):
+            yield {"delta": f"part{i}", "usage": None}
+        yield {"delta": "", "usage": 40}
+
+    async def tokens():
+        async with alimiter.reserve(key, plan, costs={"token": 500}) as r:
+            async for chunk in model_stream():
+                if chunk["usage"]:
+                    await r.settle(token=chunk["usage"])
+                yield chunk
+
+    assert len([c async for c in tokens()]) == 6
+    after = await alimiter.peek(key, plan, requests=0)
+    assert after.allowed and after.limit("tpm").remaining == 960
+    # A client that goes away mid-stream: the generator is closed, the lease freed,
+    # the estimate kept.
+    gen = tokens()
+    assert (await gen.__anext__())["delta"] == "part0"
+    assert not (await alimiter.peek(key, plan, requests=0)).allowed
+    await gen.aclose()
+    after = await alimiter.peek(key, plan, requests=0)
+    assert after.allowed and after.limit("tpm").remaining == 460
