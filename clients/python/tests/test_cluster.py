@@ -5,6 +5,7 @@ answer identically."""
 
 from __future__ import annotations
 
+import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
@@ -250,3 +251,16 @@ async def test_a_migrating_slot_is_followed_with_asking_async(cluster) -> None:
         finish()
     await limiter.close()
     await rc.aclose()
+
+
+def test_keys_in_different_slots_are_refused_with_crossslot_and_charge_nothing(cluster) -> None:
+    limiter = Limiter(RedisCluster(host="127.0.0.1", port=cluster.ports[0]))
+    plan = uniq("plan")
+    limiter.plans.set(plan, {"rpm": "sliding 10/1m"})
+    a, b = uniq("a"), uniq("b")
+    limiter.credits.grant("{%s}:credits" % b, 10)
+    with pytest.raises(redis.exceptions.ResponseError, match="CROSSSLOT|same slot"):
+        limiter.acquire("{%s}:rl" % a, plan, credits=("{%s}:credits" % b, 1))
+    assert limiter.credits.balance("{%s}:credits" % b) == 10
+    assert limiter.peek("{%s}:rl" % a, plan).limit("rpm").remaining == 9
+    limiter.client.close()
