@@ -123,9 +123,16 @@ async def test_plans(alimiter: AsyncLimiter) -> None:
     assert await alimiter.plans.get(plan) == {"rpm": "sliding 10/1m", "tpm": "bucket 5 token/1s"}
     with pytest.raises(ResponseError):
         await alimiter.acquire(key, uniq("nosuch"))
-    assert await alimiter.plans.delete(plan) == 1
     previous = await alimiter.plans.default()
-    assert previous is None or isinstance(previous, str)
+    try:
+        assert await alimiter.plans.default(plan) == plan
+        assert await alimiter.plans.default() == plan
+        assert (await alimiter.acquire(uniq("user"), "*")).plan == plan
+    finally:
+        if previous:
+            await alimiter.plans.default(previous)
+    await alimiter.plans.delete(plan, "tpm")
+    assert await alimiter.plans.get(plan) == {"rpm": "sliding 10/1m"}
 
 
 async def test_reserve_settles_releases_and_heartbeats(alimiter: AsyncLimiter) -> None:

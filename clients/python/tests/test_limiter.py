@@ -181,8 +181,13 @@ def test_plans_are_set_read_listed_deleted_defaulted_and_assigned(limiter: Limit
     assert limiter.plans.unassign(key) is True
     with pytest.raises(ResponseError, match="plan 'x' field 'rpm'"):
         limiter.plans.set("x", {"rpm": "sliding ten/1m"})
+    other = uniq("plan")
+    limiter.plans.apply({plan: {"tpm": "bucket 5 token/1s"}, other: {"rpm": "fixed 1/1s"}})
+    assert limiter.plans.get(plan) == {"rpm": "sliding 10/1m", "tpm": "bucket 5 token/1s"}
+    assert limiter.plans.get(other) == {"rpm": "fixed 1/1s"}
+    assert limiter.plans.delete(other) == 1
     assert limiter.plans.delete(plan) == 1
-    assert limiter.plans.get(plan) == {}
+    assert limiter.plans.get(plan) == {} and plan not in limiter.plans.list()
 
 
 def test_default_plan_is_set_and_shown(limiter: Limiter) -> None:
