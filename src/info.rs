@@ -31,7 +31,7 @@ pub unsafe extern "C" fn info(
             (
                 s.stats.clone(),
                 s.plans.len() as u64,
-                s.plans.version(),
+                s.plans.newest(),
                 (s.plans.digest(), s.plans.sync_digest()),
                 waiting,
                 default,

@@ -485,6 +485,19 @@ impl Plans {
         self.clock
     }
 
+    /// The stamp counter of the newest change held (plans, tombstones and the default):
+    /// on a node that stamps with its wall clock, when the last change was made, in ms
+    /// since the epoch. Equal on nodes that hold the same registry (unlike
+    /// [`Plans::version`], which also counts what was seen and since replaced or pruned).
+    pub fn newest(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| e.version.stamp.counter)
+            .chain(self.default.iter().map(|d| d.version.stamp.counter))
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn default_plan(&self) -> Option<&str> {
         self.default.as_ref().and_then(|d| d.plan.as_deref())
     }
