@@ -22,8 +22,13 @@ pub static MAX_BLOCKS_PER_KEY: AtomicI64 = AtomicI64::new(100_000);
 /// Most clients waiting (`WAIT`) on one key, and on the whole server.
 pub static MAX_WAITERS_PER_KEY: AtomicI64 = AtomicI64::new(1_000);
 pub static MAX_WAITERS: AtomicI64 = AtomicI64::new(100_000);
+/// Most `ALSO` pairs one call may name.
+pub static MAX_ALSO: AtomicI64 = AtomicI64::new(8);
 /// Also register `RL.THROTTLE` as `CL.THROTTLE` (load time only).
 pub static CL_THROTTLE_ALIAS: AtomicBool = AtomicBool::new(false);
+/// Refuse a `COST` unit that no limit of the call's plans counts (a typo would
+/// otherwise charge nothing).
+pub static STRICT_UNITS: AtomicBool = AtomicBool::new(false);
 
 pub const MAX_TTL_MS: i64 = MAX_WINDOW_MS as i64;
 
@@ -34,11 +39,16 @@ fn read(v: &AtomicI64) -> u64 {
 pub fn settings() -> Settings {
     Settings {
         default_ttl_ms: read(&DEFAULT_TTL_MS).max(1),
+        max_requests: usize::try_from(read(&MAX_REQUESTS_PER_KEY)).unwrap_or(usize::MAX),
     }
 }
 
-pub fn max_requests_per_key() -> usize {
-    usize::try_from(read(&MAX_REQUESTS_PER_KEY)).unwrap_or(usize::MAX)
+pub fn max_also() -> usize {
+    usize::try_from(read(&MAX_ALSO)).unwrap_or(0)
+}
+
+pub fn strict_units() -> bool {
+    STRICT_UNITS.load(Ordering::Relaxed)
 }
 
 pub fn credit_settings() -> CreditSettings {

@@ -12,13 +12,10 @@ use tollgate_core::credits::Credits;
 use tollgate_core::delta::{CreditsDeltaWriter, KeyExpiry};
 
 use crate::rdb::{digest_bytes, emit_apply, guarded, load_buffer, save_buffer};
-use crate::server::log_warning;
+use crate::server::{log_warning, ModuleValue};
 
 /// Version of the credits encoding (passed back to `rdb_load`).
 pub const CREDITS_ENCODING: i32 = 1;
-
-/// The most blocks or ids a loaded key may hold (runtime caps are configs).
-pub const LOAD_MAX_ENTRIES: usize = 100_000_000;
 
 pub static CREDITS_TYPE: RedisType = RedisType::new(
     "rlcredits",
@@ -46,6 +43,12 @@ pub static CREDITS_TYPE: RedisType = RedisType::new(
     },
 );
 
+impl ModuleValue for Credits {
+    fn redis_type() -> &'static RedisType {
+        &CREDITS_TYPE
+    }
+}
+
 fn encode(credits: &Credits) -> Vec<u8> {
     let mut w = Writer::new();
     credits.encode(&mut w);
@@ -70,7 +73,7 @@ unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mu
         let Some(bytes) = load_buffer(io) else {
             return ptr::null_mut();
         };
-        match Credits::decode(&bytes, LOAD_MAX_ENTRIES) {
+        match Credits::decode(&bytes) {
             Ok(credits) => Box::into_raw(Box::new(credits)).cast::<c_void>(),
             Err(e) => {
                 log_warning(&format!("refusing a corrupt rlcredits value: {e}"));
@@ -82,6 +85,7 @@ unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mu
 
 unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
     guarded((), || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         if let Some(credits) = unsafe { credits_ref(value) } {
             save_buffer(io, &encode(credits));
         }
@@ -94,6 +98,7 @@ unsafe extern "C" fn aof_rewrite(
     value: *mut c_void,
 ) {
     guarded((), || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         if let Some(credits) = unsafe { credits_ref(value) } {
             let mut delta = CreditsDeltaWriter::new(Vec::new());
             delta.full(credits).expiry(KeyExpiry::Keep);
@@ -104,12 +109,14 @@ unsafe extern "C" fn aof_rewrite(
 
 unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
     guarded(0, || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         unsafe { credits_ref(value) }.map_or(0, Credits::mem_usage)
     })
 }
 
 unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void) {
     guarded((), || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         if let Some(credits) = unsafe { credits_ref(value) } {
             digest_bytes(md, &encode(credits));
         }
@@ -120,6 +127,7 @@ unsafe extern "C" fn free(value: *mut c_void) {
     if !value.is_null() {
         // SAFETY: values of this type are `Box<Credits>` pointers, freed exactly once.
         guarded((), || {
+            // SAFETY: Redis frees each value once, and values of this type are `Box`es this module made.
             drop(unsafe { Box::from_raw(value.cast::<Credits>()) })
         });
     }
@@ -130,6 +138,7 @@ unsafe extern "C" fn copy(
     _to: *mut raw::RedisModuleString,
     value: *const c_void,
 ) -> *mut c_void {
+    // SAFETY: Redis hands this callback a value of this type, which this module made.
     guarded(ptr::null_mut(), || match unsafe { credits_ref(value) } {
         Some(credits) => Box::into_raw(Box::new(credits.clone())).cast::<c_void>(),
         None => ptr::null_mut(),

@@ -10,11 +10,18 @@ use std::os::raw::c_int;
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::{raw, redis_module, Context, RedisString, RedisValue, Status};
 
+// Layers, each importing only those above it: server (the raw API) · args · state ·
+// store (keys and writes) · reply · parse · cluster · call (one decision) · wait ·
+// commands. Data types (subject_type, credits_type, rdb), config, info and plansync
+// (plans across a cluster) sit beside.
 mod args;
+mod call;
+mod cluster;
 mod commands;
 mod config;
 mod credits_type;
 mod info;
+mod parse;
 mod plansync;
 mod rdb;
 mod reply;
@@ -57,6 +64,23 @@ unsafe extern "C" fn on_config_change(
     });
 }
 
+/// `FLUSHDB`/`FLUSHALL` ended: keys that clients wait on come back (see `wait`).
+unsafe extern "C" fn on_flush(
+    ctx: *mut raw::RedisModuleCtx,
+    _event: raw::RedisModuleEvent,
+    subevent: u64,
+    data: *mut std::os::raw::c_void,
+) {
+    let _ = std::panic::catch_unwind(|| {
+        if subevent != raw::REDISMODULE_SUBEVENT_FLUSHDB_END || data.is_null() {
+            return;
+        }
+        // SAFETY: for the flush event Redis passes a `RedisModuleFlushInfo`.
+        let info = unsafe { &*data.cast::<raw::RedisModuleFlushInfo>() };
+        wait::on_flush(&server::Ctx(ctx), info.dbnum);
+    });
+}
+
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     let missing = server::missing_api();
     if !missing.is_empty() {
@@ -88,6 +112,15 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
         dataver: 1,
     };
     api!(RedisModule_SubscribeToServerEvent(ctx.ctx, config_event, Some(on_config_change)) else 0);
+    let flush_event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_FLUSHDB,
+        dataver: 1,
+    };
+    api!(RedisModule_SubscribeToServerEvent(ctx.ctx, flush_event, Some(on_flush)) else 0);
+    let removals = raw::NotifyEvent::GENERIC.bits()
+        | raw::NotifyEvent::EXPIRED.bits()
+        | raw::NotifyEvent::EVICTED.bits();
+    api!(RedisModule_SubscribeToKeyspaceEvents(ctx.ctx, removals, Some(wait::on_key_removed)) else 0);
     Status::Ok
 }
 
@@ -101,16 +134,18 @@ redis_module! {
     configurations: [
         i64: [
             ["default-ttl-ms", &config::DEFAULT_TTL_MS, 60_000, 1, config::MAX_TTL_MS, ConfigurationFlags::DEFAULT, None],
-            ["max-requests-per-key", &config::MAX_REQUESTS_PER_KEY, 10_000, 1, 10_000_000, ConfigurationFlags::DEFAULT, None],
+            ["max-requests-per-key", &config::MAX_REQUESTS_PER_KEY, 10_000, 1, tollgate_core::requests::MAX_REQUESTS as i64, ConfigurationFlags::DEFAULT, None],
             ["idempotency-window-ms", &config::IDEMPOTENCY_WINDOW_MS, 86_400_000, 0, config::MAX_TTL_MS, ConfigurationFlags::DEFAULT, None],
-            ["max-ids-per-key", &config::MAX_IDS_PER_KEY, 10_000, 0, 10_000_000, ConfigurationFlags::DEFAULT, None],
-            ["max-blocks-per-key", &config::MAX_BLOCKS_PER_KEY, 100_000, 1, 10_000_000, ConfigurationFlags::DEFAULT, None],
+            ["max-ids-per-key", &config::MAX_IDS_PER_KEY, 10_000, 0, tollgate_core::credits::MAX_IDS as i64, ConfigurationFlags::DEFAULT, None],
+            ["max-blocks-per-key", &config::MAX_BLOCKS_PER_KEY, 100_000, 1, tollgate_core::credits::MAX_BLOCKS as i64, ConfigurationFlags::DEFAULT, None],
             ["max-waiters-per-key", &config::MAX_WAITERS_PER_KEY, 1_000, 0, 1_000_000, ConfigurationFlags::DEFAULT, None],
             ["max-waiters", &config::MAX_WAITERS, 100_000, 0, 10_000_000, ConfigurationFlags::DEFAULT, None],
+            ["max-also", &config::MAX_ALSO, 8, 1, tollgate_core::requests::MAX_LINKS as i64, ConfigurationFlags::DEFAULT, None],
         ],
         string: [],
         bool: [
             ["cl-throttle-alias", &config::CL_THROTTLE_ALIAS, false, ConfigurationFlags::IMMUTABLE, None],
+            ["strict-units", &config::STRICT_UNITS, false, ConfigurationFlags::DEFAULT, None],
         ],
         enum: [],
         module_args_as_configuration: true,

@@ -13,14 +13,17 @@ use redis_module::raw;
 
 /// Calls a module API function if the server provides it, else yields `$default`.
 macro_rules! api {
-    ($name:ident ( $($arg:expr),* $(,)? ) else $default:expr) => {
-        // SAFETY: the function pointers are set by RedisModule_Init and never change;
-        // arguments are valid for the duration of the call (see each caller).
-        match unsafe { raw::$name } {
+    ($name:ident ( $($arg:expr),* $(,)? ) else $default:expr) => {{
+        // SAFETY: the function pointers are set once by RedisModule_Init, before any
+        // module code runs, and only read afterwards.
+        let function = unsafe { raw::$name };
+        match function {
+            // SAFETY: every caller passes pointers Redis gave it for this call (or
+            // that it owns), valid for the duration of the call.
             Some(f) => unsafe { f($($arg),*) },
             None => $default,
         }
-    };
+    }};
 }
 pub(crate) use api;
 
@@ -29,6 +32,7 @@ pub fn missing_api() -> Vec<&'static str> {
     let mut missing = Vec::new();
     macro_rules! need {
         ($($name:ident),* $(,)?) => {
+            // SAFETY: read once at load, after RedisModule_Init set the pointers.
             $( if unsafe { raw::$name }.is_none() { missing.push(stringify!($name)); } )*
         };
     }
@@ -77,8 +81,6 @@ pub fn missing_api() -> Vec<&'static str> {
         RedisModule_CreateTimer,
         RedisModule_CreateString,
         RedisModule_FreeString,
-        RedisModule_IsKeysPositionRequest,
-        RedisModule_KeyAtPos,
         RedisModule_IsIOError,
         RedisModule_SaveUnsigned,
         RedisModule_LoadUnsigned,
@@ -92,6 +94,13 @@ pub fn missing_api() -> Vec<&'static str> {
 }
 
 pub type RawString = *mut raw::RedisModuleString;
+
+/// Whether the server lets modules put commands in ACL categories (Redis 7.2+).
+pub fn supports_acl_categories() -> bool {
+    // SAFETY: the API pointers are set once by RedisModule_Init, before any command,
+    // and only read afterwards.
+    unsafe { raw::RedisModule_SetCommandACLCategories }.is_some()
+}
 
 /// The bytes of a module string (valid while the string is).
 pub fn bytes_of<'a>(s: RawString) -> &'a [u8] {
@@ -176,16 +185,6 @@ impl Ctx {
         api!(RedisModule_ReplicateVerbatim(self.0) else 0);
     }
 
-    /// Whether Redis is asking for key positions (`getkeys-api`) rather than running.
-    pub fn is_keys_position_request(&self) -> bool {
-        api!(RedisModule_IsKeysPositionRequest(self.0) else 0) != 0
-    }
-
-    /// Reports argument `i` as a key (answering a key position request).
-    pub fn key_at(&self, i: usize) {
-        api!(RedisModule_KeyAtPos(self.0, i as std::os::raw::c_int) else ());
-    }
-
     /// Wakes clients blocked on `key` (they re-check whether they can go ahead).
     pub fn signal_ready(&self, key: RawString) {
         api!(RedisModule_SignalKeyAsReady(self.0, key) else ());
@@ -200,6 +199,41 @@ impl Ctx {
         api!(RedisModule_NotifyKeyspaceEvent(self.0, raw::NotifyEvent::MODULE.bits(), event.as_ptr(), key) else 0);
     }
 
+    /// The context's `REDISMODULE_CTX_FLAGS_*`.
+    pub fn flags(&self) -> u32 {
+        api!(RedisModule_GetContextFlags(self.0) else 0) as u32
+    }
+
+    /// Whether the command comes from the primary's replication link or an AOF load
+    /// (where `RL.APPLY` is obeyed).
+    pub fn is_replicated_or_loading(&self) -> bool {
+        self.flags() & (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING)
+            != 0
+    }
+
+    pub fn in_cluster(&self) -> bool {
+        self.flags() & raw::REDISMODULE_CTX_FLAGS_CLUSTER != 0
+    }
+
+    /// Whether the calling user's ACL lets it write key `name` (a key Redis did not
+    /// check itself because the command does not declare it). True where the server
+    /// cannot say (no ACL API, or no user: replication, AOF, timers).
+    pub fn may_write_key(&self, name: RawString) -> bool {
+        let user_name = api!(RedisModule_GetCurrentUserName(self.0) else ptr::null_mut());
+        if user_name.is_null() {
+            return true;
+        }
+        let user = api!(RedisModule_GetModuleUserFromUserName(user_name) else ptr::null_mut());
+        api!(RedisModule_FreeString(self.0, user_name) else ());
+        if user.is_null() {
+            return true;
+        }
+        let flags = raw::REDISMODULE_CMD_KEY_ACCESS | raw::REDISMODULE_CMD_KEY_UPDATE;
+        let status = api!(RedisModule_ACLCheckKeyPermissions(user, name, flags as c_int) else raw::REDISMODULE_OK as c_int);
+        api!(RedisModule_FreeModuleUser(user) else ());
+        status == raw::REDISMODULE_OK as c_int
+    }
+
     pub fn open_key(&self, name: RawString, write: bool) -> Key {
         let mode = if write {
             raw::REDISMODULE_READ | raw::REDISMODULE_WRITE
@@ -211,9 +245,36 @@ impl Ctx {
     }
 }
 
+/// A module string that outlives the command (created without a context).
+pub struct HeldString(RawString);
+
+impl HeldString {
+    /// The module string, valid while `self` is.
+    pub fn raw(&self) -> RawString {
+        self.0
+    }
+
+    pub fn new(bytes: &[u8]) -> Option<HeldString> {
+        let s = api!(RedisModule_CreateString(ptr::null_mut(), bytes.as_ptr().cast::<c_char>(), bytes.len()) else ptr::null_mut());
+        (!s.is_null()).then_some(HeldString(s))
+    }
+}
+
+impl Drop for HeldString {
+    fn drop(&mut self) {
+        api!(RedisModule_FreeString(ptr::null_mut(), self.0) else ());
+    }
+}
+
 /// Logs a warning as `<tollgate> message` (from any callback, with or without a ctx).
 pub fn log_warning(message: &str) {
     redis_module::MODULE_CONTEXT.log_warning(message);
+}
+
+/// A value of one of the module's data types: ties the Rust type to its Redis type,
+/// so a key handle can only ever hand out the type Redis stored.
+pub trait ModuleValue: Sized {
+    fn redis_type() -> &'static RedisType;
 }
 
 /// What a key holds.
@@ -243,7 +304,7 @@ fn type_ptr(ty: &RedisType) -> *mut raw::RedisModuleType {
 }
 
 impl Key {
-    pub fn kind(&self, ty: &RedisType) -> KeyKind {
+    pub fn kind<T: ModuleValue>(&self) -> KeyKind {
         if self.ptr.is_null() {
             return KeyKind::Empty;
         }
@@ -251,7 +312,8 @@ impl Key {
         if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
             KeyKind::Empty
         } else if kind == raw::REDISMODULE_KEYTYPE_MODULE as c_int
-            && api!(RedisModule_ModuleTypeGetType(self.ptr) else ptr::null_mut()) == type_ptr(ty)
+            && api!(RedisModule_ModuleTypeGetType(self.ptr) else ptr::null_mut())
+                == type_ptr(T::redis_type())
         {
             KeyKind::Ours
         } else {
@@ -259,24 +321,34 @@ impl Key {
         }
     }
 
-    /// The value, if the key holds one of type `ty`. The caller must have checked
-    /// [`Key::kind`] is `Ours` and must not hold two references at once.
-    #[allow(clippy::mut_from_ref)]
-    pub fn value_mut<T>(&self, ty: &RedisType) -> Option<&mut T> {
-        if self.kind(ty) != KeyKind::Ours {
-            return None;
+    fn raw_value<T: ModuleValue>(&self) -> *mut T {
+        if self.kind::<T>() != KeyKind::Ours {
+            return ptr::null_mut();
         }
-        let v = api!(RedisModule_ModuleTypeGetValue(self.ptr) else ptr::null_mut());
-        // SAFETY: values of our type are always `Box<T>` pointers set by `set_value`
-        // with the `T` that belongs to `ty`; the key is open for the borrow's lifetime.
-        unsafe { v.cast::<T>().as_mut() }
+        api!(RedisModule_ModuleTypeGetValue(self.ptr) else ptr::null_mut()).cast::<T>()
+    }
+
+    /// The value, if the key holds a `T`.
+    pub fn value<T: ModuleValue>(&self) -> Option<&T> {
+        // SAFETY: a key of `T::redis_type()` always holds a `Box<T>` pointer stored by
+        // `set_value::<T>` (or by that type's load/copy callbacks); it lives while the
+        // key is open, and `&self` forbids a `&mut` to it for the borrow.
+        unsafe { self.raw_value::<T>().as_ref() }
+    }
+
+    /// The value, mutably, if the key holds a `T`.
+    pub fn value_mut<T: ModuleValue>(&mut self) -> Option<&mut T> {
+        // SAFETY: as in `value`; `&mut self` makes this the only reference through
+        // this handle, and callers never open two handles on one key (calls naming a
+        // key twice are refused before keys are opened).
+        unsafe { self.raw_value::<T>().as_mut() }
     }
 
     /// Stores `value` (replacing and freeing any old value; this drops the key's TTL,
     /// so set the expiry afterwards).
-    pub fn set_value<T>(&self, ty: &RedisType, value: Box<T>) -> bool {
+    pub fn set_value<T: ModuleValue>(&mut self, value: Box<T>) -> bool {
         let raw_value = Box::into_raw(value);
-        let ok = api!(RedisModule_ModuleTypeSetValue(self.ptr, type_ptr(ty), raw_value.cast::<c_void>()) else 1);
+        let ok = api!(RedisModule_ModuleTypeSetValue(self.ptr, type_ptr(T::redis_type()), raw_value.cast::<c_void>()) else 1);
         if ok != raw::REDISMODULE_OK as c_int {
             // SAFETY: Redis did not take ownership; we still own the allocation.
             drop(unsafe { Box::from_raw(raw_value) });
@@ -291,16 +363,16 @@ impl Key {
         u64::try_from(at).ok()
     }
 
-    pub fn set_expire_at(&self, at_ms: u64) {
+    pub fn set_expire_at(&mut self, at_ms: u64) {
         let at = i64::try_from(at_ms).unwrap_or(i64::MAX);
         api!(RedisModule_SetAbsExpire(self.ptr, at) else 0);
     }
 
-    pub fn persist(&self) {
+    pub fn persist(&mut self) {
         api!(RedisModule_SetExpire(self.ptr, raw::REDISMODULE_NO_EXPIRE as i64) else 0);
     }
 
-    pub fn delete(&self) {
+    pub fn delete(&mut self) {
         api!(RedisModule_DeleteKey(self.ptr) else 0);
     }
 }

@@ -1,18 +1,19 @@
-//! Module-global state: the plans, the layout interner, counters for `INFO` and
-//! scratch buffers reused by every call.
+//! Module-global state: the plans, the layout interner, counters for `INFO`, the
+//! queues of waiting clients, and a scratch buffer reused by every call.
 //!
 //! Redis runs module commands, callbacks and persistence hooks on its main thread
 //! (or in a forked child, which has its own copy), so the state lives in a
 //! [`MainThread`] cell rather than behind a lock.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
-use tollgate_core::decide::{Outcome, Settings};
 use tollgate_core::layout::LayoutInterner;
-use tollgate_core::plan::{Plan, Plans};
+use tollgate_core::plan::Plans;
+use tollgate_core::queue::Queues;
+use tollgate_core::subject::Subject;
+use tollgate_core::throttle::ThrottlePlans;
 
 /// Counters reported by `INFO tollgate`.
 #[derive(Debug, Default, Clone)]
@@ -38,19 +39,19 @@ pub struct Stats {
     pub waits_timed_out: u64,
 }
 
+/// A key clients wait on: its db and name.
+pub type KeyId = (c_int, Box<[u8]>);
+
 pub struct State {
     pub plans: Plans,
     pub interner: LayoutInterner,
     pub stats: Stats,
-    pub settings: Settings,
-    /// Reused for every decision's per-limit outcomes.
-    pub outcomes: Vec<Outcome>,
     /// Reused for every replicated payload.
     pub payload: Vec<u8>,
     /// Clients blocked in `RL.ACQUIRE ... WAIT`.
-    pub waiters: crate::wait::Waiters,
-    /// `RL.THROTTLE`'s one-limit plans, by `(count, window_ms, burst)`.
-    pub throttle_plans: HashMap<(u64, u64, u64), Arc<Plan>>,
+    pub waiters: Queues<KeyId>,
+    /// `RL.THROTTLE`'s one-limit plans.
+    pub throttle_plans: ThrottlePlans,
 }
 
 /// A value only touched from Redis's main thread.
@@ -89,11 +90,9 @@ pub fn init() {
         plans: Plans::new(),
         interner: LayoutInterner::new(),
         stats: Stats::default(),
-        settings: Settings::default(),
-        outcomes: Vec::with_capacity(16),
         payload: Vec::with_capacity(256),
-        throttle_plans: HashMap::new(),
-        waiters: crate::wait::Waiters::default(),
+        waiters: Queues::default(),
+        throttle_plans: ThrottlePlans::default(),
     });
 }
 
@@ -101,6 +100,11 @@ pub fn init() {
 /// not yet purged included. Kept exactly: creation, load and copy add a key's count,
 /// writes add their difference, and freeing a key subtracts what it held.
 pub static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+/// How many requests a subject holds (for the in-flight counter).
+pub fn requests_len(subject: Option<&Subject>) -> usize {
+    subject.and_then(Subject::requests).map_or(0, |t| t.len())
+}
 
 /// Records that a key's request count went from `before` to `after`.
 pub fn track_requests(before: usize, after: usize) {

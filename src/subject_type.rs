@@ -12,17 +12,16 @@ use std::ptr;
 use redis_module::native_types::RedisType;
 use redis_module::raw;
 use tollgate_core::codec::{Reader, Writer};
-use tollgate_core::delta::{DeltaWriter, KeyExpiry};
 use tollgate_core::plan::Plans;
-use tollgate_core::subject::Subject;
+use tollgate_core::subject::{Subject, ENCODING_VERSION};
 
 use crate::rdb::{digest_bytes, emit_apply, guarded, load_buffer, save_buffer};
-use crate::server::api;
-use crate::state::{track_requests, STATE};
-use crate::store::requests_len;
+use crate::server::{api, ModuleValue};
+use crate::state::{requests_len, track_requests, STATE};
 
-/// Version of the subject encoding (passed back to `rdb_load`).
-pub const SUBJECT_ENCODING: i32 = 1;
+/// Version of the subject encoding (passed back to `rdb_load`): version 2 writes,
+/// versions 1 and 2 load.
+pub const SUBJECT_ENCODING: i32 = ENCODING_VERSION as i32;
 /// Version of the plans aux encoding: 2 carries versions and tombstones (see
 /// `tollgate_core::registry`); 1 (no versions) still loads.
 const PLANS_ENCODING: c_int = 2;
@@ -53,9 +52,11 @@ pub static SUBJECT_TYPE: RedisType = RedisType::new(
     },
 );
 
-/// The most requests a key may hold when loading (the runtime cap is a config and
-/// may have been higher when the key was saved).
-const LOAD_MAX_REQUESTS: usize = 10_000_000;
+impl ModuleValue for Subject {
+    fn redis_type() -> &'static RedisType {
+        &SUBJECT_TYPE
+    }
+}
 
 fn encode(subject: &Subject) -> Vec<u8> {
     let mut w = Writer::new();
@@ -65,16 +66,19 @@ fn encode(subject: &Subject) -> Vec<u8> {
 
 unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
     guarded(ptr::null_mut(), || {
-        if encver != SUBJECT_ENCODING {
+        let Some(version) = u8::try_from(encver)
+            .ok()
+            .filter(|v| (1..=ENCODING_VERSION).contains(v))
+        else {
             crate::server::log_warning(&format!(
-                "cannot load rlsubject encoding {encver} (this build reads {SUBJECT_ENCODING})"
+                "cannot load rlsubject encoding {encver} (this build reads 1 to {SUBJECT_ENCODING})"
             ));
             return ptr::null_mut();
-        }
+        };
         let Some(bytes) = load_buffer(io) else {
             return ptr::null_mut();
         };
-        let decoded = STATE.with(|s| Subject::decode(&bytes, &mut s.interner, LOAD_MAX_REQUESTS));
+        let decoded = STATE.with(|s| Subject::decode(&bytes, &mut s.interner, version));
         match decoded {
             Ok(Ok(subject)) => {
                 track_requests(0, requests_len(Some(&subject)));
@@ -101,6 +105,7 @@ unsafe fn subject_ref<'a>(value: *const c_void) -> Option<&'a Subject> {
 
 unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
     guarded((), || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         if let Some(subject) = unsafe { subject_ref(value) } {
             save_buffer(io, &encode(subject));
         }
@@ -113,24 +118,26 @@ unsafe extern "C" fn aof_rewrite(
     value: *mut c_void,
 ) {
     guarded((), || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         if let Some(subject) = unsafe { subject_ref(value) } {
-            let mut delta = DeltaWriter::new(Vec::new());
             // Redis appends the key's PEXPIREAT itself after this command.
-            delta.full(subject).expiry(KeyExpiry::Keep);
-            let payload = delta.finish();
-            emit_apply(io, key, &payload);
+            let mut w = Writer::new();
+            tollgate_core::change::encode_full(subject, &mut w);
+            emit_apply(io, key, &w.into_inner());
         }
     })
 }
 
 unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
     guarded(0, || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         unsafe { subject_ref(value) }.map_or(0, Subject::mem_usage)
     })
 }
 
 unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void) {
     guarded((), || {
+        // SAFETY: Redis hands this callback a value of this type, which this module made.
         if let Some(subject) = unsafe { subject_ref(value) } {
             digest_bytes(md, &encode(subject));
         }
@@ -141,6 +148,7 @@ unsafe extern "C" fn free(value: *mut c_void) {
     if !value.is_null() {
         // SAFETY: values of this type are `Box<Subject>` pointers, freed exactly once.
         guarded((), || {
+            // SAFETY: Redis frees each value once, and values of this type are `Box`es this module made.
             let subject = unsafe { Box::from_raw(value.cast::<Subject>()) };
             track_requests(requests_len(Some(&subject)), 0);
         });
@@ -152,6 +160,7 @@ unsafe extern "C" fn copy(
     _to: *mut raw::RedisModuleString,
     value: *const c_void,
 ) -> *mut c_void {
+    // SAFETY: Redis hands this callback a value of this type, which this module made.
     guarded(ptr::null_mut(), || match unsafe { subject_ref(value) } {
         Some(subject) => {
             track_requests(0, requests_len(Some(subject)));

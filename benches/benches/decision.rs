@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tollgate_core::decide::{commit, evaluate, Call, Costs, Settings};
+use tollgate_core::decide::{commit, decide, settle, Call, Costs, Pair, Settings};
 use tollgate_core::layout::LayoutInterner;
 use tollgate_core::plan::Plans;
 use tollgate_core::subject::Subject;
@@ -39,6 +39,31 @@ fn plans(interner: &mut LayoutInterner) -> Plans {
     plans
 }
 
+/// One acquire on `subject` at `now`: decide, and if admitted commit and apply.
+fn acquire_once(
+    plans: &Plans,
+    plan: &Arc<tollgate_core::plan::Plan>,
+    subject: &mut Option<Subject>,
+    call: &Call<'_>,
+    now: u64,
+    settings: &Settings,
+    interner: &mut LayoutInterner,
+) -> Option<Box<[u8]>> {
+    let pairs = [Pair {
+        subject: subject.as_ref(),
+        plan,
+    }];
+    let decision = decide(plans, &pairs, call, None, now, settings);
+    if !decision.admitted() {
+        return None;
+    }
+    let committed = commit(&decision, &pairs, call, &[], settings, interner, &|_| false).ok()?;
+    for change in committed.changes {
+        change.apply_to(subject, now);
+    }
+    committed.id
+}
+
 fn acquire(c: &mut Criterion) {
     let mut interner = LayoutInterner::new();
     let plans = plans(&mut interner);
@@ -51,53 +76,57 @@ fn acquire(c: &mut Criterion) {
         },
         ..Call::default()
     };
-    let mut out = Vec::new();
     for name in ["one", "three"] {
         let plan = Arc::clone(plans.get(name).unwrap_or_else(|| unreachable!()));
-        let mut subject = Subject::new(Arc::clone(&plan.layout), T0);
+        let mut subject = Some(Subject::new(Arc::clone(&plan.layout), T0));
         let mut now = T0;
         c.bench_function(
-            &format!("acquire {name}-limit plan (evaluate + commit)"),
+            &format!("acquire {name}-limit plan (decide + commit + apply)"),
             |b| {
                 b.iter(|| {
                     now += 1;
-                    let verdict = evaluate(&plan, Some(&subject), &call, now, &settings, &mut out);
-                    if verdict.admitted {
-                        let _ =
-                            black_box(commit(&plan, &mut subject, &call, &verdict, &mut interner));
-                    }
-                    black_box(verdict)
+                    black_box(acquire_once(
+                        &plans,
+                        &plan,
+                        &mut subject,
+                        &call,
+                        now,
+                        &settings,
+                        &mut interner,
+                    ))
                 })
             },
         );
-        c.bench_function(&format!("peek {name}-limit plan (evaluate)"), |b| {
+        c.bench_function(&format!("peek {name}-limit plan (decide)"), |b| {
             b.iter(|| {
-                black_box(evaluate(
-                    &plan,
-                    Some(&subject),
-                    &call,
-                    now,
-                    &settings,
-                    &mut out,
-                ))
+                let pairs = [Pair {
+                    subject: subject.as_ref(),
+                    plan: &plan,
+                }];
+                black_box(decide(&plans, &pairs, &call, None, now, &settings))
             })
         });
     }
     let plan = Arc::clone(plans.get("four").unwrap_or_else(|| unreachable!()));
-    let mut subject = Subject::new(Arc::clone(&plan.layout), T0);
+    let mut subject = Some(Subject::new(Arc::clone(&plan.layout), T0));
     let mut now = T0;
     c.bench_function("acquire + release 4-limit plan with a lease", |b| {
         b.iter(|| {
             now += 1;
-            let verdict = evaluate(&plan, Some(&subject), &call, now, &settings, &mut out);
-            let id = commit(&plan, &mut subject, &call, &verdict, &mut interner);
-            if let Ok(Some(id)) = id {
-                black_box(tollgate_core::decide::release(
-                    &mut subject,
-                    &id,
-                    &tokens,
-                    now,
-                ));
+            let id = acquire_once(
+                &plans,
+                &plan,
+                &mut subject,
+                &call,
+                now,
+                &settings,
+                &mut interner,
+            );
+            if let Some(id) = id {
+                if let Ok((settled, change)) = settle(subject.as_ref(), &id, &tokens, now) {
+                    change.apply_to(&mut subject, now);
+                    black_box(settled);
+                }
             }
         })
     });

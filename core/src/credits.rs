@@ -16,9 +16,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::{bad, DecodeError, Reader, Writer};
+use crate::time::MAX_INSTANT_MS;
 
 /// Longest block or request id, in bytes.
 pub const MAX_CREDIT_ID_LEN: usize = 256;
+/// Most blocks one key may hold: the ceiling of `tollgate.max-blocks-per-key`, and
+/// what decoding accepts, so every key a command could make loads again.
+pub const MAX_BLOCKS: usize = 10_000_000;
+/// Most remembered ids one key may hold: the ceiling of `tollgate.max-ids-per-key`.
+pub const MAX_IDS: usize = 10_000_000;
+/// Highest block sequence number: grants stop (with an error) long before it wraps.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 /// Where a block sorts: its expiry (`u64::MAX` for none), then grant order.
 pub type BlockKey = (u64, u64);
@@ -61,8 +69,14 @@ pub struct Remembered {
 pub enum CreditsError {
     ZeroGrant,
     AlreadyExpired,
+    /// The expiry is past [`MAX_INSTANT_MS`].
+    ExpiryOutOfRange,
     Overflow,
     TooManyBlocks(usize),
+    /// The key has granted [`MAX_SEQ`] blocks.
+    SequenceExhausted,
+    /// A deduction id whose deduction was refunded: a new deduction needs a new id.
+    Refunded,
 }
 
 impl std::fmt::Display for CreditsError {
@@ -71,9 +85,22 @@ impl std::fmt::Display for CreditsError {
             CreditsError::ZeroGrant => write!(f, "amount must be at least 1"),
             CreditsError::AlreadyExpired => write!(f, "the block would already be expired"),
             CreditsError::Overflow => write!(f, "the balance would exceed 18446744073709551615"),
+            CreditsError::ExpiryOutOfRange => {
+                write!(
+                    f,
+                    "the expiry must be at most {MAX_INSTANT_MS} (ms since the epoch)"
+                )
+            }
             CreditsError::TooManyBlocks(max) => write!(
                 f,
                 "the key already holds {max} blocks (tollgate.max-blocks-per-key)"
+            ),
+            CreditsError::SequenceExhausted => {
+                write!(f, "the key has used up its block sequence; use a new key")
+            }
+            CreditsError::Refunded => write!(
+                f,
+                "that deduction id was refunded; a new deduction needs a new id"
             ),
         }
     }
@@ -132,8 +159,10 @@ impl Credits {
         Self::default()
     }
 
+    /// The instant a write is decided at: never before what this key has seen, never
+    /// past [`MAX_INSTANT_MS`].
     pub fn effective_now(&self, clock_ms: u64) -> u64 {
-        clock_ms.max(self.updated_ms)
+        clock_ms.min(MAX_INSTANT_MS).max(self.updated_ms)
     }
 
     pub fn block_count(&self) -> usize {
@@ -298,6 +327,12 @@ impl Credits {
         if expires_at.is_some_and(|at| at <= now) {
             return Err(CreditsError::AlreadyExpired);
         }
+        if expires_at.is_some_and(|at| at > MAX_INSTANT_MS) {
+            return Err(CreditsError::ExpiryOutOfRange);
+        }
+        if self.next_seq >= MAX_SEQ {
+            return Err(CreditsError::SequenceExhausted);
+        }
         if self.balance(now).checked_add(amount).is_none() {
             return Err(CreditsError::Overflow);
         }
@@ -350,7 +385,9 @@ impl Credits {
     }
 
     /// Takes `amount` from the blocks, earliest expiry first. Without `partial`, all or
-    /// nothing. With an `id`, a repeat returns the first result and changes nothing.
+    /// nothing. With an `id`, a repeat returns the first result and changes nothing —
+    /// unless that deduction was refunded: then it is refused ([`CreditsError::Refunded`]),
+    /// since answering the first result would report a charge that no longer stands.
     /// Returns `(deducted, balance)`.
     pub fn deduct(
         &mut self,
@@ -360,19 +397,25 @@ impl Credits {
         clock_ms: u64,
         settings: &CreditSettings,
         touched: &mut Touched,
-    ) -> (u64, u64) {
+    ) -> Result<(u64, u64), CreditsError> {
         let now = self.effective_now(clock_ms);
         if let Some(id) = id {
             if let Some(Remembered {
                 recorded:
                     Recorded::Deduct {
-                        deducted, balance, ..
+                        deducted,
+                        balance,
+                        refunded,
+                        ..
                     },
                 forget_at,
             }) = self.ids.get(&id_key(DEDUCT_ID, id))
             {
                 if *forget_at > now {
-                    return (*deducted, *balance);
+                    if *refunded {
+                        return Err(CreditsError::Refunded);
+                    }
+                    return Ok((*deducted, *balance));
                 }
             }
         }
@@ -432,7 +475,7 @@ impl Credits {
                 touched,
             );
         }
-        (want, balance)
+        Ok((want, balance))
     }
 
     /// Whether a deduction with `id` is still remembered (a repeat would charge
@@ -478,14 +521,19 @@ impl Credits {
         let mut refunded = 0u64;
         for (block_key, amount) in parts {
             if let Some(block) = self.blocks.get_mut(&block_key) {
-                let back = amount.min(block.granted - block.left);
+                // What went back to other blocks since may leave no room under the
+                // largest balance a key holds: refund only what fits, so the key always
+                // loads again.
+                let room = u64::MAX.saturating_sub(self.total).saturating_sub(refunded);
+                let back = amount.min(block.granted - block.left).min(room);
                 block.left += back;
                 if block.left > 0 {
                     self.funded.insert(block_key);
                 }
-                block.refs = block.refs.saturating_sub(1);
                 refunded += back;
                 touched.blocks.push(block_key);
+                // Drops the block if it stays empty and no other deduction refers to it.
+                self.unref_block(block_key);
             }
         }
         self.total = self.total.saturating_add(refunded);
@@ -527,10 +575,19 @@ impl Credits {
     // --- Replication: what a delta ships, and how a replica applies it. ---
 
     /// Upserts (or, with `None`, removes) block `key`, keeping `total` and the id index.
+    /// Keeps every invariant whatever it is given (a primary never sends such a block,
+    /// but a replica must hold a state it can save and load): a block of the same id at
+    /// another key gives way, and a block that would push the balance past `u64::MAX`
+    /// is held to what fits.
     pub fn put_block(&mut self, key: BlockKey, block: Option<Block>) {
         self.remove_block(key);
-        if let Some(block) = block {
-            self.total = self.total.saturating_add(block.left);
+        if let Some(mut block) = block.filter(|_| self.blocks.len() < MAX_BLOCKS) {
+            if let Some(other) = self.block_ids.get(&block.id).copied() {
+                self.remove_block(other);
+            }
+            block.left = block.left.min(u64::MAX - self.total);
+            self.total += block.left;
+            self.next_seq = self.next_seq.max(key.1);
             self.block_ids.insert(block.id.clone(), key);
             if block.left > 0 {
                 self.funded.insert(key);
@@ -544,7 +601,7 @@ impl Credits {
         if let Some(old) = self.ids.remove(key) {
             self.ids_by_time.remove(&(old.forget_at, Box::from(key)));
         }
-        if let Some(r) = remembered {
+        if let Some(r) = remembered.filter(|_| self.ids.len() < MAX_IDS) {
             self.ids_by_time.insert((r.forget_at, Box::from(key)));
             self.ids.insert(Box::from(key), r);
         }
@@ -563,28 +620,63 @@ impl Credits {
         }
     }
 
-    pub fn decode(input: &[u8], max: usize) -> Result<Credits, DecodeError> {
+    /// Reads credits written by [`Credits::encode`], refusing anything the commands
+    /// could not have made (so a value accepted here always saves and loads again):
+    /// instants past [`MAX_INSTANT_MS`], sequences past [`MAX_SEQ`], more than
+    /// [`MAX_BLOCKS`] blocks or [`MAX_IDS`] ids, a block id twice, a balance past
+    /// `u64::MAX`. Block reference counts are derived from the remembered deductions,
+    /// never trusted.
+    pub fn decode(input: &[u8]) -> Result<Credits, DecodeError> {
         let mut r = Reader::new(input);
+        let updated_ms = r.varint()?;
+        let next_seq = r.varint()?;
+        if updated_ms > MAX_INSTANT_MS || next_seq > MAX_SEQ {
+            return bad("instant or sequence out of range");
+        }
         let mut credits = Credits {
-            updated_ms: r.varint()?,
-            next_seq: r.varint()?,
+            updated_ms,
+            next_seq,
             ..Credits::default()
         };
-        for _ in 0..r.count(max)? {
-            let (key, block) = decode_block(&mut r)?;
+        for _ in 0..r.count(MAX_BLOCKS)? {
+            let (key, mut block) = decode_block(&mut r)?;
+            if key.1 > next_seq || (key.0 > MAX_INSTANT_MS && key.0 != NEVER) {
+                return bad("block key out of range");
+            }
             if credits.blocks.contains_key(&key) || credits.block_ids.contains_key(&block.id) {
                 return bad("block appears twice");
             }
             if credits.total.checked_add(block.left).is_none() {
                 return bad("balance overflows");
             }
+            block.refs = 0;
             credits.put_block(key, Some(block));
         }
-        for _ in 0..r.count(max)? {
+        for _ in 0..r.count(MAX_IDS)? {
             let (key, remembered) = decode_id(&mut r)?;
+            if credits.ids.contains_key(&key) {
+                return bad("id appears twice");
+            }
+            if let Recorded::Deduct { parts, .. } = &remembered.recorded {
+                for (part, _) in parts {
+                    if let Some(block) = credits.blocks.get_mut(part) {
+                        block.refs = block.refs.saturating_add(1);
+                    }
+                }
+            }
             credits.put_id(&key, Some(remembered));
         }
         r.finish()?;
+        // An emptied block is kept only while a deduction may refund to it.
+        let orphans: Vec<BlockKey> = credits
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.left == 0 && b.refs == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in orphans {
+            credits.remove_block(key);
+        }
         Ok(credits)
     }
 
@@ -618,14 +710,17 @@ pub fn encode_block(w: &mut Writer, key: BlockKey, block: &Block) {
 
 pub fn decode_block(r: &mut Reader<'_>) -> Result<(BlockKey, Block), DecodeError> {
     let key = (r.varint()?, r.varint()?);
+    if (key.0 > MAX_INSTANT_MS && key.0 != NEVER) || key.1 == 0 || key.1 > MAX_SEQ {
+        return bad("block key out of range");
+    }
     let id = r.bytes()?;
     if id.is_empty() || id.len() > MAX_CREDIT_ID_LEN {
         return bad("block id length out of range");
     }
     let granted = r.varint()?;
     let left = r.varint()?;
-    if left > granted {
-        return bad("block holds more than it was granted");
+    if granted == 0 || left > granted {
+        return bad("block amounts out of range");
     }
     let refs = u32::try_from(r.varint()?).or_else(|_| bad("block refs out of range"))?;
     Ok((
@@ -673,15 +768,18 @@ pub fn decode_id(r: &mut Reader<'_>) -> Result<(Box<[u8]>, Remembered), DecodeEr
         return bad("id length out of range");
     }
     let forget_at = r.varint()?;
-    let recorded = match r.u8()? {
-        1 => Recorded::Grant {
+    if forget_at > MAX_INSTANT_MS.saturating_add(crate::time::MAX_WINDOW_MS) {
+        return bad("id forget instant out of range");
+    }
+    let recorded = match (r.u8()?, key.first()) {
+        (1, Some(&GRANT_ID)) => Recorded::Grant {
             balance: r.varint()?,
         },
-        2 => {
+        (2, Some(&DEDUCT_ID)) => {
             let deducted = r.varint()?;
             let balance = r.varint()?;
             let refunded = r.u8()? != 0;
-            let n = r.count(1_000_000)?;
+            let n = r.count(MAX_BLOCKS)?;
             let mut parts = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
                 parts.push(((r.varint()?, r.varint()?), r.varint()?));
@@ -693,7 +791,7 @@ pub fn decode_id(r: &mut Reader<'_>) -> Result<(Box<[u8]>, Remembered), DecodeEr
                 refunded,
             }
         }
-        t => return bad(format!("bad id record tag {t}")),
+        (t, _) => return bad(format!("bad id record tag {t}")),
     };
     Ok((
         key.into(),
@@ -746,6 +844,7 @@ mod tests {
             &S,
             &mut Touched::default(),
         )
+        .unwrap_or((0, 0))
     }
 
     #[test]
@@ -820,6 +919,83 @@ mod tests {
         assert_eq!(c.refund(b"unknown", 160, &mut Touched::default()), (0, 5));
     }
 
+    fn round_trips(c: &Credits) -> bool {
+        let mut w = Writer::new();
+        c.encode(&mut w);
+        Credits::decode(&w.into_inner()).as_ref() == Ok(c)
+    }
+
+    #[test]
+    fn a_refund_never_pushes_the_balance_past_what_loads() {
+        // Issue 9's reproduction: the refund used to saturate where decode checks.
+        let big = u64::MAX - 1;
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, big, None, Some("A"), 0), Ok(big));
+        assert_eq!(deduct(&mut c, big, false, Some("d1"), 0), (big, 0));
+        assert_eq!(grant(&mut c, big, None, Some("B"), 0), Ok(big));
+        assert_eq!(c.refund(b"d1", 0, &mut Touched::default()), (1, u64::MAX));
+        assert!(round_trips(&c));
+        assert_eq!(c.refund(b"d1", 0, &mut Touched::default()), (0, u64::MAX));
+    }
+
+    #[test]
+    fn a_refunded_deduction_id_is_refused_not_answered_stale() {
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 10, None, None, 0), Ok(10));
+        assert_eq!(deduct(&mut c, 4, false, Some("r"), 0), (4, 6));
+        assert_eq!(c.refund(b"r", 1, &mut Touched::default()), (4, 10));
+        assert_eq!(
+            c.deduct(4, false, Some(b"r"), 2, &S, &mut Touched::default()),
+            Err(CreditsError::Refunded)
+        );
+        assert_eq!(c.balance(2), 10);
+    }
+
+    #[test]
+    fn replicated_blocks_keep_ids_unique_and_the_balance_bounded() {
+        let mut c = Credits::new();
+        let block = |left| Block {
+            id: Box::from(&b"x"[..]),
+            granted: u64::MAX,
+            left,
+            refs: 0,
+        };
+        c.put_block((NEVER, 1), Some(block(u64::MAX - 5)));
+        // Another block with the same id replaces it instead of doubling it.
+        c.put_block((NEVER, 2), Some(block(7)));
+        assert_eq!(c.block_count(), 1);
+        assert_eq!(c.balance(0), 7);
+        let other = Block {
+            id: Box::from(&b"y"[..]),
+            ..block(u64::MAX)
+        };
+        c.put_block((NEVER, 3), Some(other));
+        assert_eq!(c.balance(0), u64::MAX);
+        assert!(round_trips(&c));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_at_decode() {
+        let mut good = Credits::new();
+        assert!(grant(&mut good, 5, Some(100), Some("a"), 0).is_ok());
+        let encode = |c: &Credits| {
+            let mut w = Writer::new();
+            c.encode(&mut w);
+            w.into_inner()
+        };
+        let mut late = good.clone();
+        late.updated_ms = u64::MAX - 1;
+        assert!(Credits::decode(&encode(&late)).is_err());
+        let mut exhausted = good.clone();
+        exhausted.next_seq = u64::MAX;
+        assert!(Credits::decode(&encode(&exhausted)).is_err());
+        assert!(Credits::decode(&encode(&good)).is_ok());
+        assert_eq!(
+            grant(&mut good, 1, Some(MAX_INSTANT_MS + 1), None, 0),
+            Err(CreditsError::ExpiryOutOfRange)
+        );
+    }
+
     #[test]
     fn revoke_removes_what_a_block_still_holds() {
         let mut c = Credits::new();
@@ -859,7 +1035,7 @@ mod tests {
             .grant(100, None, None, 0, &few, &mut Touched::default())
             .is_ok());
         for i in 0..10u64 {
-            c.deduct(
+            let _ = c.deduct(
                 1,
                 false,
                 Some(format!("r{i}").as_bytes()),
@@ -881,9 +1057,9 @@ mod tests {
         let mut w = Writer::new();
         c.encode(&mut w);
         let buf = w.into_inner();
-        assert_eq!(Credits::decode(&buf, 1_000).as_ref(), Ok(&c));
+        assert_eq!(Credits::decode(&buf).as_ref(), Ok(&c));
         for cut in 0..buf.len() {
-            assert!(Credits::decode(&buf[..cut], 1_000).is_err());
+            assert!(Credits::decode(&buf[..cut]).is_err());
         }
     }
 

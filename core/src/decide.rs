@@ -1,21 +1,56 @@
-//! Deciding a call against a plan, and charging it.
+//! Deciding a call, and what it changes — as plain data.
 //!
-//! [`evaluate`] never changes anything: it decides at `max(clock, updated_ms)` and
-//! reports every limit as it would stand after the call (so `RL.PEEK` answers exactly
-//! what `RL.ACQUIRE` would). [`commit`] then charges an admitted call. A call is
-//! admitted only if every limit that applies admits it (all-or-nothing).
+//! [`decide`] never changes anything: it decides a call over one or more
+//! `(subject, plan)` pairs (the first key and its `ALSO` pairs) at
+//! `max(clock, updated_ms)` of each subject, following each pair's fallback plans,
+//! and reports every limit as it would stand after the call (so `RL.PEEK` answers
+//! exactly what `RL.ACQUIRE` would). The call is admitted only if every limit of every
+//! pair admits it (all-or-nothing). [`commit`] then computes, for an admitted call,
+//! the [`Change`] of each subject; [`settle`] and [`touch`] do the same for
+//! `RL.RELEASE` and `RL.TOUCH`. The module applies each change to its stored value
+//! and ships the same change to replicas, so a primary holds exactly what its replicas
+//! hold, and a command that fails does so before anything changed.
+//!
+//! ```
+//! use tollgate_core::decide::{self, Call, Costs, Pair, Settings};
+//! use tollgate_core::layout::LayoutInterner;
+//! use tollgate_core::plan::Plans;
+//! use tollgate_core::subject::Subject;
+//!
+//! let mut interner = LayoutInterner::new();
+//! let mut plans = Plans::new();
+//! plans.set("free", &[("rpm", "fixed 2/1m")], &mut interner).unwrap();
+//! let plan = plans.get("free").unwrap().clone();
+//! let call = Call { costs: Costs { request: 1, units: &[] }, ..Call::default() };
+//! let settings = Settings::default();
+//! let mut subject: Option<Subject> = None;
+//! for expected in [true, true, false] {
+//!     let pairs = [Pair { subject: subject.as_ref(), plan: &plan }];
+//!     let decision = decide::decide(&plans, &pairs, &call, None, 60_000, &settings);
+//!     assert_eq!(decision.admitted(), expected);
+//!     if decision.admitted() {
+//!         let committed = decide::commit(&decision, &pairs, &call, &[], &settings, &mut interner, &|_| false).unwrap();
+//!         for change in committed.changes {
+//!             change.apply_to(&mut subject, 60_000);
+//!         }
+//!     }
+//! }
+//! ```
 
 use std::sync::Arc;
 
-use crate::layout::LayoutInterner;
-use crate::limits::bucket::Bucket;
+use smallvec::SmallVec;
+
+use crate::change::{Change, Limits};
+use crate::credits::Credits;
+use crate::layout::{Layout, LayoutInterner, Shape};
+use crate::limits::bucket::{Bucket, Reserved};
 use crate::limits::sliding::Slices;
-use crate::limits::{fixed, past_warn, Admission};
-use crate::plan::{Limit, Mode, Plan};
+use crate::limits::{carry_over, fixed, past_warn, Admission};
+use crate::plan::{Limit, Mode, Plan, Plans};
 use crate::requests::{Charge, Request};
 use crate::spec::{Rule, DEFAULT_UNIT};
-use crate::subject::Subject;
-use crate::time::FixedWindow;
+use crate::subject::{self, normalize_words, Ended, Subject, Words, MAX_SEQ};
 
 /// What one call costs, per unit.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,14 +90,25 @@ pub struct Call<'a> {
 pub struct Settings {
     /// TTL of leases and reservations when neither the call nor the limit sets one.
     pub default_ttl_ms: u64,
+    /// Most in-flight requests one subject may hold.
+    pub max_requests: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             default_ttl_ms: crate::spec::DEFAULT_LEASE_TTL_MS,
+            max_requests: 10_000,
         }
     }
+}
+
+/// One subject of a call: the state its key holds (if any) and the plan asked for it
+/// (already resolved from `*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Pair<'a> {
+    pub subject: Option<&'a Subject>,
+    pub plan: &'a Arc<Plan>,
 }
 
 /// How one limit stands after the call (or now, if the call is not admitted).
@@ -70,15 +116,23 @@ impl Default for Settings {
 pub struct Outcome {
     /// Index of the limit in the plan.
     pub limit: usize,
+    /// Usage counted (concurrency: leases held).
+    pub used: u64,
     pub remaining: u64,
     pub reset_ms: u64,
+    /// The limit's window: for calendar windows, the current one's length; 0 for
+    /// concurrency and caps.
+    pub window_ms: u64,
     /// Usage is at or past the limit's warn threshold.
     pub warn: bool,
     /// This call took usage past the warn threshold.
     pub warn_crossed: bool,
 }
 
-/// What denied a call.
+/// The outcomes of one plan's limits, in plan order.
+pub type Outcomes = SmallVec<[Outcome; 8]>;
+
+/// What denied a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
     /// The limit at this index of the plan.
@@ -87,21 +141,118 @@ pub enum Denial {
     Endpoint,
 }
 
-/// The decision on one call under one plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
-    /// The instant the call was decided at.
+/// The decision on one pair of a call.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// The plan that decided (differs from the requested one after a fallback).
+    pub plan: Arc<Plan>,
+    /// The instant this subject was decided at.
     pub now: u64,
-    /// Whether and when the limits admit the call.
+    /// Whether and when its limits admit the call.
     pub admission: Admission,
-    /// What denied it (`None` when every limit admits it).
+    /// What denied it, or would have under `mode shadow`.
     pub denied_by: Option<Denial>,
-    /// Whether the call goes ahead: admitted, or denied under `mode shadow`.
+    /// Whether this pair lets the call go ahead: admitted, or denied in shadow mode.
     pub admitted: bool,
-    /// The call registers a request (it named an `ID` or the plan holds leases).
+    pub outcomes: Outcomes,
+}
+
+impl Part {
+    /// The name of what denied the pair (`endpoint` or a limit name).
+    pub fn denial_name(&self) -> Option<&str> {
+        match self.denied_by? {
+            Denial::Endpoint => Some("endpoint"),
+            Denial::Limit(i) => self.plan.limits.get(i).map(|l| &*l.name),
+        }
+    }
+
+    /// Whether this call took a limit past its warn threshold.
+    pub fn warn_crossed(&self) -> bool {
+        self.outcomes.iter().any(|o| o.warn_crossed)
+    }
+}
+
+/// Why a call was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted,
+    /// A limit (or the endpoint list) of part `part`.
+    Limits {
+        part: usize,
+    },
+    /// The limits admitted it but the credits key does not hold the amount.
+    Credits,
+}
+
+/// The credits side of a call with `CREDITS key n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditsPart {
+    pub amount: u64,
+    /// The balance now (after the deduction, once committed).
+    pub balance: u64,
+}
+
+/// The decision on a call.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// One per pair, in call order.
+    pub parts: SmallVec<[Part; 1]>,
+    pub verdict: Verdict,
+    /// When every pair would admit the call (`Now` once admitted).
+    pub admission: Admission,
+    /// The call registers a request (it named an `ID` or a plan holds leases).
     pub takes_request: bool,
     /// The TTL its lease or reservation gets.
     pub ttl_ms: u64,
+    pub credits: Option<CreditsPart>,
+    /// Answered from the live request the call's `ID` names: a retry, charged nothing.
+    pub replayed: bool,
+}
+
+impl Decision {
+    pub fn admitted(&self) -> bool {
+        self.verdict == Verdict::Admitted
+    }
+
+    /// `retry_after_ms` as replied: 0 when admitted, -1 when never.
+    pub fn retry_after_ms(&self) -> i64 {
+        match self.verdict {
+            Verdict::Admitted => 0,
+            Verdict::Credits => -1,
+            Verdict::Limits { .. } => self.admission.retry_after_ms(),
+        }
+    }
+
+    /// The part whose limit denied the call.
+    pub fn denied_part(&self) -> Option<usize> {
+        match self.verdict {
+            Verdict::Limits { part } => Some(part),
+            _ => None,
+        }
+    }
+
+    /// What denied the call, as replied in `denied_by`: `credits`, `endpoint` or a
+    /// limit name.
+    pub fn denied_by(&self) -> Option<&str> {
+        match self.verdict {
+            Verdict::Admitted => None,
+            Verdict::Credits => Some("credits"),
+            Verdict::Limits { part } => self.parts.get(part).and_then(Part::denial_name),
+        }
+    }
+
+    /// Whether a shadow-mode plan admitted what it would have denied.
+    pub fn shadow_denied(&self) -> bool {
+        self.admitted() && self.parts.iter().any(|p| !p.admission.is_now())
+    }
+
+    /// Whether a fallback plan decided some pair (compared with the plans asked for).
+    pub fn by_fallback(&self, requested: &[&Arc<Plan>]) -> bool {
+        self.parts
+            .iter()
+            .zip(requested)
+            .any(|(p, r)| !Arc::ptr_eq(&p.plan, r))
+    }
 }
 
 /// A limit's state at `now`, read from the subject (or fresh).
@@ -109,10 +260,10 @@ enum View<'s> {
     Fixed {
         used: u64,
         capacity: u64,
-        window: FixedWindow,
+        window: crate::time::FixedWindow,
     },
     Sliding {
-        words: &'s [u64],
+        words: Cow<'s>,
         updated: u64,
         slices: Slices,
         used: u128,
@@ -131,29 +282,64 @@ enum View<'s> {
     },
 }
 
-/// The index of `limit`'s slot in `subject`, if it holds that counter (same name,
-/// unit and shape); `None` means the counter starts fresh.
-fn slot_of(plan: &Plan, limit: &Limit, subject: &Subject) -> Option<usize> {
-    let index = limit.slot?;
-    if Arc::ptr_eq(&subject.layout, &plan.layout) {
-        return Some(index);
-    }
-    subject.layout.find(plan.layout.slots().get(index)?)
+/// Words borrowed from the subject, or converted from another shape of the budget.
+enum Cow<'s> {
+    Borrowed(&'s [u64]),
+    Owned(Words),
 }
 
-/// `replacing` is the live request the call's `ID` would replace (its lease frees).
-fn view<'s>(
-    plan: &Plan,
-    limit: &Limit,
-    subject: Option<&'s Subject>,
-    now: u64,
-    replacing: Option<&Request>,
-) -> View<'s> {
-    let slot = subject.and_then(|s| slot_of(plan, limit, s).map(|i| (s, i)));
-    let (words, updated) = slot.map_or((&[][..], now), |(s, i)| (s.slot_words(i), s.updated_ms));
+impl Cow<'_> {
+    fn get(&self) -> &[u64] {
+        match self {
+            Cow::Borrowed(w) => w,
+            Cow::Owned(w) => w,
+        }
+    }
+}
+
+/// The subject's words for `limit`'s budget, in the limit's shape: borrowed when the
+/// subject counts the budget that way, converted (conservatively) when it counts it
+/// another way, `None` when it holds no usage of it. With the instant they are
+/// normalized to.
+fn budget_words<'s>(limit: &Limit, plan: &Plan, subject: &'s Subject, now: u64) -> Option<Cow<'s>> {
+    let shape = limit.shape()?;
+    if let Some(i) = limit
+        .slot
+        .filter(|_| Arc::ptr_eq(&subject.layout, &plan.layout))
+    {
+        return Some(Cow::Borrowed(subject.slot_words(i)));
+    }
+    let i = subject.layout.find_budget(&limit.name, &limit.spec.unit)?;
+    let slot = subject.layout.slots().get(i)?;
+    if slot.shape == shape {
+        return Some(Cow::Borrowed(subject.slot_words(i)));
+    }
+    let mut words: Words = smallvec::smallvec![0; shape.words()];
+    let rate = match limit.spec.rule {
+        Rule::Bucket { rate, .. } => rate,
+        _ => 1,
+    };
+    carry_over(
+        (slot.shape, subject.slot_words(i)),
+        subject.updated_ms,
+        (shape, rate),
+        now,
+        &mut words,
+    );
+    Some(Cow::Owned(words))
+}
+
+fn view<'s>(plan: &Plan, limit: &Limit, subject: Option<&'s Subject>, now: u64) -> View<'s> {
+    let found = subject.and_then(|s| Some((s, budget_words(limit, plan, s, now)?)));
+    // Converted words are normalized to `now` already.
+    let updated = match &found {
+        Some((s, Cow::Borrowed(_))) => s.updated_ms,
+        _ => now,
+    };
+    let words = found.map_or(Cow::Borrowed(&[]), |(_, w)| w);
     match limit.spec.rule {
         Rule::Fixed { capacity, window } => View::Fixed {
-            used: fixed::used_at(words, window, updated, now),
+            used: fixed::used_at(words.get(), window, updated, now),
             capacity,
             window,
         },
@@ -166,11 +352,12 @@ fn view<'s>(
                 window_ms,
                 precision,
             };
+            let used = slices.used_at(words.get(), updated, now);
             View::Sliding {
                 words,
                 updated,
                 slices,
-                used: slices.used_at(words, updated, now),
+                used,
                 capacity,
             }
         }
@@ -185,24 +372,20 @@ fn view<'s>(
                 burst,
             };
             View::Bucket {
-                debt: bucket.debt_at(words, now),
+                debt: bucket.debt_at(words.get(), now),
                 bucket,
             }
         }
         Rule::Concurrency { max, .. } => {
-            let counted = words.first().copied().unwrap_or(0);
+            let counted = words.get().first().copied().unwrap_or(0);
             // Leases that expired but are not yet purged do not count.
-            let expired = slot.map_or(0, |(s, _)| {
-                s.requests().map_or(0, |t| {
-                    t.expired(now)
-                        .filter(|r| r.leases.iter().any(|l| **l == *limit.name))
-                        .count()
-                })
+            let expired = subject.and_then(Subject::requests).map_or(0, |t| {
+                t.expired(now)
+                    .filter(|r| r.leases.iter().any(|l| **l == *limit.name))
+                    .count()
             });
-            let replaced =
-                replacing.is_some_and(|r| r.leases.iter().any(|l| **l == *limit.name)) as u64;
             View::Concurrency {
-                live: counted.saturating_sub(expired as u64 + replaced),
+                live: counted.saturating_sub(expired as u64),
                 max,
             }
         }
@@ -235,22 +418,22 @@ fn admission(
     limit: &Limit,
     subject: Option<&Subject>,
 ) -> Admission {
-    match *view {
+    match view {
         View::Fixed {
             used,
             capacity,
             window,
-        } => fixed::admission(used, cost, capacity, window, now),
+        } => fixed::admission(*used, cost, *capacity, *window, now),
         View::Sliding {
             words,
             updated,
             slices,
             used,
             capacity,
-        } => slices.admission(words, updated, now, used, cost, capacity),
-        View::Bucket { debt, bucket } => bucket.admission(debt, cost),
+        } => slices.admission(words.get(), *updated, now, *used, cost, *capacity),
+        View::Bucket { debt, bucket } => bucket.admission(*debt, cost),
         View::Concurrency { live, max } => {
-            if max == 0 {
+            if *max == 0 {
                 Admission::Never
             } else if live < max {
                 Admission::Now
@@ -263,7 +446,7 @@ fn admission(
             }
         }
         View::Cap { max } => {
-            if cost > max {
+            if cost > *max {
                 Admission::Never
             } else {
                 Admission::Now
@@ -284,18 +467,21 @@ fn outcome(
     subject: Option<&Subject>,
 ) -> Outcome {
     let warn_pct = limit.spec.warn_pct;
-    let (remaining, reset_ms, before, after) = match *view {
+    let (used, remaining, reset_ms, window_ms, before, after) = match view {
         View::Fixed {
             used,
             capacity,
             window,
         } => {
             let after = used.saturating_add(pending);
+            let start = window.start(window.index(now));
             (
+                after,
                 capacity.saturating_sub(after),
-                fixed::reset_ms(after, window, now),
-                past_warn(used.into(), capacity.into(), warn_pct),
-                past_warn(after.into(), capacity.into(), warn_pct),
+                fixed::reset_ms(after, *window, now),
+                window.end_of(now).saturating_sub(start),
+                past_warn((*used).into(), (*capacity).into(), warn_pct),
+                past_warn(after.into(), (*capacity).into(), warn_pct),
             )
         }
         View::Sliding {
@@ -307,19 +493,23 @@ fn outcome(
         } => {
             let after = used.saturating_add(pending.into());
             (
-                crate::limits::to_u64(u128::from(capacity).saturating_sub(after)),
-                slices.reset_ms(words, updated, now, pending),
-                past_warn(used, capacity.into(), warn_pct),
-                past_warn(after, capacity.into(), warn_pct),
+                crate::limits::to_u64(after),
+                crate::limits::to_u64(u128::from(*capacity).saturating_sub(after)),
+                slices.reset_ms(words.get(), *updated, now, pending),
+                slices.window_ms,
+                past_warn(*used, (*capacity).into(), warn_pct),
+                past_warn(after, (*capacity).into(), warn_pct),
             )
         }
         View::Bucket { debt, bucket } => {
             let after = debt.saturating_add(u128::from(pending) * u128::from(bucket.window_ms));
             let full = u128::from(bucket.burst) * u128::from(bucket.window_ms);
             (
+                crate::limits::to_u64(bucket.used(after)),
                 bucket.remaining(after),
                 bucket.reset_ms(after),
-                past_warn(debt, full, warn_pct),
+                bucket.window_ms,
+                past_warn(*debt, full, warn_pct),
                 past_warn(after, full, warn_pct),
             )
         }
@@ -334,18 +524,22 @@ fn outcome(
             };
             let in_flight = live.saturating_add(pending);
             (
+                in_flight,
                 max.saturating_sub(in_flight),
                 last.map_or(0, |at| at.saturating_sub(now)),
+                0,
                 false,
                 false,
             )
         }
-        View::Cap { max } => (max, 0, false, false),
+        View::Cap { max } => (0, *max, 0, 0, false, false),
     };
     Outcome {
         limit: index,
+        used,
         remaining,
         reset_ms,
+        window_ms,
         warn: after,
         warn_crossed: after && !before && pending > 0,
     }
@@ -366,159 +560,442 @@ fn request_ttl(plan: &Plan, call: &Call<'_>, settings: &Settings) -> u64 {
     })
 }
 
-/// Decides `call` under `plan` at `clock_ms` without changing anything, and writes
-/// how each applicable limit would stand into `out`.
-pub fn evaluate(
-    plan: &Plan,
+/// The limits of `plan` that apply to a call naming `endpoint`, with their indexes.
+fn applicable<'p>(
+    plan: &'p Plan,
+    endpoint: Option<&'p str>,
+) -> impl Iterator<Item = (usize, &'p Limit)> + 'p {
+    plan.limits
+        .iter()
+        .enumerate()
+        .filter(move |(_, l)| l.applies_to(endpoint))
+}
+
+/// Decides `call` on one subject under one plan at `now`, without changing anything.
+fn evaluate(
+    plan: &Arc<Plan>,
     subject: Option<&Subject>,
+    call: &Call<'_>,
+    now: u64,
+    lease_until: u64,
+) -> Part {
+    let mut admission_all = Admission::Now;
+    let mut denied_by = None;
+    if !plan.admits_endpoint(call.endpoint) {
+        admission_all = Admission::Never;
+        denied_by = Some(Denial::Endpoint);
+    }
+    // One pass computes each limit's view, admission and standing as if the call is
+    // admitted (the common case); a denied call recomputes its standings uncharged.
+    let mut outcomes = Outcomes::new();
+    for (index, limit) in applicable(plan, call.endpoint) {
+        let cost = cost_for(limit, call);
+        let v = view(plan, limit, subject, now);
+        let this = admission(&v, cost, now, limit, subject);
+        if this.is_later_than(admission_all) {
+            denied_by = Some(Denial::Limit(index));
+        }
+        admission_all = admission_all.and(this);
+        outcomes.push(outcome(index, limit, &v, cost, now, lease_until, subject));
+    }
+    Part {
+        plan: Arc::clone(plan),
+        now,
+        admission: admission_all,
+        denied_by,
+        admitted: admission_all.is_now() || plan.mode == Mode::Shadow,
+        outcomes,
+    }
+}
+
+/// How each limit of `plan` (those applying to `endpoint`, or all with `None` and
+/// `all`) stands for `subject` at `now`, charging and assuming nothing.
+fn standing(
+    plan: &Arc<Plan>,
+    subject: Option<&Subject>,
+    endpoint: Option<&str>,
+    all: bool,
+    now: u64,
+) -> Outcomes {
+    plan.limits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| all || l.applies_to(endpoint))
+        .map(|(index, limit)| {
+            let v = view(plan, limit, subject, now);
+            outcome(index, limit, &v, 0, now, now, subject)
+        })
+        .collect()
+}
+
+/// Longest fallback chain followed (plans refuse cycles; this bounds the walk anyway).
+pub const MAX_FALLBACK_DEPTH: usize = 16;
+
+/// Decides one pair: its plan and, while denied, each fallback in turn.
+fn decide_pair(
+    plans: &Plans,
+    pair: &Pair<'_>,
     call: &Call<'_>,
     clock_ms: u64,
     settings: &Settings,
-    out: &mut Vec<Outcome>,
-) -> Verdict {
-    let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
-    let mut result = Admission::Now;
-    let mut denied_by = None;
-    if !plan.admits_endpoint(call.endpoint) {
-        result = Admission::Never;
-        denied_by = Some(Denial::Endpoint);
+) -> (Part, u64) {
+    let now = pair
+        .subject
+        .map_or(clock_ms.min(crate::time::MAX_INSTANT_MS), |s| {
+            s.effective_now(clock_ms)
+        });
+    let ttl = request_ttl(pair.plan, call, settings);
+    let part = evaluate(pair.plan, pair.subject, call, now, now.saturating_add(ttl));
+    if part.admitted {
+        return (part, ttl);
     }
-    let applicable = || {
-        plan.limits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.applies_to(call.endpoint))
-    };
-    let ttl_ms = request_ttl(plan, call, settings);
-    let lease_until = now.saturating_add(ttl_ms);
-    let mut takes_request = call.id.is_some();
-    let replacing = call
-        .id
-        .and_then(|id| subject?.requests()?.get(id))
-        .filter(|r| r.expires_at > now);
-    // One pass computes each limit's view, admission and standing as if the call is
-    // admitted (the common case); a denied call recomputes its standings uncharged.
-    out.clear();
-    for (index, limit) in applicable() {
-        let cost = cost_for(limit, call);
-        let v = view(plan, limit, subject, now, replacing);
-        let this = admission(&v, cost, now, limit, subject);
-        let worse = match (this, result) {
-            (Admission::Now, _) | (_, Admission::Never) => false,
-            (Admission::Never, _) | (_, Admission::Now) => true,
-            (Admission::After(a), Admission::After(b)) => a > b,
+    let mut next = pair.plan.fallback.as_deref();
+    for _ in 0..MAX_FALLBACK_DEPTH {
+        let Some(plan) = next.and_then(|name| plans.get(name)) else {
+            break;
         };
-        if worse {
-            denied_by = Some(Denial::Limit(index));
+        let ttl = request_ttl(plan, call, settings);
+        let fallback = evaluate(plan, pair.subject, call, now, now.saturating_add(ttl));
+        if fallback.admitted {
+            return (fallback, ttl);
         }
-        result = result.and(this);
-        takes_request |= matches!(limit.spec.rule, Rule::Concurrency { .. });
-        out.push(outcome(index, limit, &v, cost, now, lease_until, subject));
+        next = plan.fallback.as_deref();
     }
-    let admitted = result.is_now() || plan.mode == Mode::Shadow;
-    if !admitted {
-        standing(plan, subject, call, now, out);
+    (part, ttl)
+}
+
+/// Decides `call` over `pairs` (the first key, then its `ALSO` pairs) at `clock_ms`,
+/// without changing anything. With `credits`, the call also needs the credits key
+/// to hold the amount. A call whose `ID` names a live request of the first subject is
+/// a retry: it is answered from that request (admitted, as it was) and charges
+/// nothing.
+pub fn decide(
+    plans: &Plans,
+    pairs: &[Pair<'_>],
+    call: &Call<'_>,
+    credits: Option<(Option<&Credits>, u64)>,
+    clock_ms: u64,
+    settings: &Settings,
+) -> Decision {
+    if let Some(replay) = replay(plans, pairs, call, credits, clock_ms) {
+        return replay;
     }
-    Verdict {
-        now,
-        admission: result,
-        denied_by,
-        admitted,
+    let mut parts: SmallVec<[Part; 1]> = SmallVec::new();
+    let mut ttl_ms = 0;
+    let mut takes_request = call.id.is_some();
+    let mut admission_all = Admission::Now;
+    let mut denied = None;
+    for (i, pair) in pairs.iter().enumerate() {
+        let (part, ttl) = decide_pair(plans, pair, call, clock_ms, settings);
+        ttl_ms = ttl_ms.max(ttl);
+        takes_request |= part.plan.has_concurrency();
+        if !part.admitted {
+            if part.admission.is_later_than(admission_all) || denied.is_none() {
+                denied = Some(i);
+            }
+            admission_all = admission_all.and(part.admission);
+        }
+        parts.push(part);
+    }
+    let credits = credits.map(|(c, amount)| CreditsPart {
+        amount,
+        balance: c.map_or(0, |c| c.balance(c.effective_now(clock_ms))),
+    });
+    let verdict = match denied {
+        Some(part) => Verdict::Limits { part },
+        // Credits are money: shadow mode does not waive them.
+        None if credits.is_some_and(|c| c.balance < c.amount) => Verdict::Credits,
+        None => Verdict::Admitted,
+    };
+    if verdict != Verdict::Admitted {
+        // A denied call reports how every pair stands, uncharged.
+        for (part, pair) in parts.iter_mut().zip(pairs) {
+            part.outcomes = standing(&part.plan, pair.subject, call.endpoint, false, part.now);
+        }
+    }
+    Decision {
+        parts,
+        verdict,
+        admission: admission_all,
         takes_request,
         ttl_ms,
+        credits,
+        replayed: false,
     }
 }
 
-/// How each limit of `plan` that applies to `call` stands now, charging nothing (the
-/// limits part of a denied call's reply).
-pub fn standing(
-    plan: &Plan,
-    subject: Option<&Subject>,
+/// The decision a retried call gets: its live request's, with each limit as it
+/// stands now (the original charge counted once).
+fn replay(
+    plans: &Plans,
+    pairs: &[Pair<'_>],
     call: &Call<'_>,
+    credits: Option<(Option<&Credits>, u64)>,
     clock_ms: u64,
-    out: &mut Vec<Outcome>,
-) {
-    let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
-    out.clear();
-    for (index, limit) in plan
-        .limits
+) -> Option<Decision> {
+    let id = call.id?;
+    let first = pairs.first()?.subject?;
+    let now = first.effective_now(clock_ms);
+    first.live_request(id, now)?;
+    let parts = pairs
         .iter()
-        .enumerate()
-        .filter(|(_, l)| l.applies_to(call.endpoint))
-    {
-        let v = view(plan, limit, subject, now, None);
-        out.push(outcome(index, limit, &v, 0, now, now, subject));
-    }
+        .map(|pair| {
+            let now = pair.subject.map_or(now, |s| s.effective_now(clock_ms));
+            let plan = pair
+                .subject
+                .and_then(|s| s.live_request(id, now))
+                .and_then(|r| plans.get(&r.plan))
+                .unwrap_or(pair.plan);
+            Part {
+                plan: Arc::clone(plan),
+                now,
+                admission: Admission::Now,
+                denied_by: None,
+                admitted: true,
+                outcomes: standing(plan, pair.subject, call.endpoint, false, now),
+            }
+        })
+        .collect();
+    Some(Decision {
+        parts,
+        verdict: Verdict::Admitted,
+        admission: Admission::Now,
+        takes_request: true,
+        ttl_ms: 0,
+        credits: credits.map(|(c, amount)| CreditsPart {
+            amount,
+            balance: c.map_or(0, |c| c.balance(c.effective_now(clock_ms))),
+        }),
+        replayed: true,
+    })
 }
 
-/// How every limit of `plan` stands for `subject` at `clock_ms`, charging nothing
-/// (the limits part of an `RL.RELEASE` reply).
-pub fn report(plan: &Plan, subject: Option<&Subject>, clock_ms: u64, out: &mut Vec<Outcome>) {
+/// A `COST` unit of `call` that no limit of the `requested` plans (nor of their
+/// fallbacks) counts: most likely a typo, which would silently charge nothing.
+pub fn uncounted_unit<'a, 'p>(
+    call: &Call<'a>,
+    plans: &'p Plans,
+    requested: impl Iterator<Item = &'p Arc<Plan>>,
+) -> Option<&'a str> {
+    let mut chain: SmallVec<[&Plan; 8]> = SmallVec::new();
+    for plan in requested {
+        let mut next = Some(&**plan);
+        for _ in 0..=MAX_FALLBACK_DEPTH {
+            let Some(plan) = next else { break };
+            chain.push(plan);
+            next = plan
+                .fallback
+                .as_deref()
+                .and_then(|f| plans.get(f))
+                .map(|p| &**p);
+        }
+    }
+    call.costs.units.iter().map(|&(unit, _)| unit).find(|unit| {
+        !chain
+            .iter()
+            .any(|p| p.limits.iter().any(|l| &*l.spec.unit == *unit))
+    })
+}
+
+/// How `subject` stands under `plan` now (`RL.USAGE`): every limit that applies to
+/// `endpoint`, charging and assuming nothing (concurrency: the leases held).
+pub fn usage(
+    plan: &Arc<Plan>,
+    subject: Option<&Subject>,
+    endpoint: Option<&str>,
+    clock_ms: u64,
+) -> Part {
     let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
-    out.clear();
-    for (index, limit) in plan.limits.iter().enumerate() {
-        let v = view(plan, limit, subject, now, None);
-        out.push(outcome(index, limit, &v, 0, now, now, subject));
+    Part {
+        plan: Arc::clone(plan),
+        now,
+        admission: Admission::Now,
+        denied_by: None,
+        admitted: true,
+        outcomes: standing(plan, subject, endpoint, endpoint.is_none(), now),
     }
 }
 
-/// Why an admitted call could not be charged.
+/// Why an admitted call could not be charged (nothing changed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitError {
-    /// Re-laying the subject out for the plan would take more than
-    /// [`crate::layout::MAX_SLOTS`] counters (too many differently-shaped limits
-    /// with usage in flight on one subject).
-    TooManySlots,
+    /// Re-laying subject `part` out for its plan would take more than
+    /// [`crate::layout::MAX_SLOTS`] counters.
+    TooManySlots { part: usize },
+    /// Subject `part` already holds `max` requests in flight.
+    TooManyRequests { part: usize, max: usize },
+    /// The call's `ID` is in flight on subject `part` (not the first).
+    IdInFlight { part: usize },
 }
 
-/// Charges an admitted call: brings the subject to `verdict.now`, re-lays it out for
-/// `plan` if needed, charges every applicable limit and registers the request.
-/// Returns the request id when one was registered (generated if the call named none).
-/// A request that reuses a live id replaces it: the old one's leases are freed first.
-/// On error nothing is changed.
-pub fn commit(
-    plan: &Plan,
-    subject: &mut Subject,
-    call: &Call<'_>,
-    verdict: &Verdict,
-    interner: &mut LayoutInterner,
-) -> Result<Option<Box<[u8]>>, CommitError> {
-    let now = verdict.now;
-    if subject.holds_all_of(plan) {
-        subject.purge_expired(now);
-        subject.normalize(now);
-    } else {
-        // Rare (the plan changed): work on a copy so that a refusal changes nothing.
-        let mut relaid = subject.clone();
-        relaid.purge_expired(now);
-        relaid.normalize(now);
-        if !relaid.relayout_for(plan, interner) {
-            return Err(CommitError::TooManySlots);
+/// What committing a call produced.
+#[derive(Debug)]
+pub struct Committed {
+    /// The request id registered (given, or generated if the call named none).
+    pub id: Option<Box<[u8]>>,
+    /// One change per pair, in call order.
+    pub changes: SmallVec<[Change; 1]>,
+}
+
+/// The words of `subject` brought to `now`: normalized, with the leases of requests
+/// expired at `now` freed — what the subject holds once a change purges them — and
+/// whether any request expired.
+fn base_words(subject: &Subject, now: u64) -> (Words, bool) {
+    let mut words = subject.words.clone();
+    normalize_words(&subject.layout, &mut words, subject.updated_ms, now);
+    let mut purged = false;
+    if let Some(requests) = subject.requests() {
+        for request in requests.expired(now) {
+            subject::free_leases(&subject.layout, &mut words, request);
+            purged = true;
         }
-        *subject = relaid;
     }
-    if let Some(old) = call
-        .id
-        .filter(|_| verdict.takes_request)
-        .and_then(|id| subject.extra.as_deref_mut()?.requests.remove(id))
-    {
-        subject.free_leases(&old);
+    (words, purged)
+}
+
+/// The next generated request id for a subject whose sequence is `seq`.
+fn generated_id(now: u64, seq: u64) -> (u64, Box<[u8]>) {
+    let seq = if seq >= MAX_SEQ { 1 } else { seq + 1 };
+    (seq, format!("{now}-{seq}").into_bytes().into_boxed_slice())
+}
+
+/// Computes the changes an admitted `decision` makes: each pair's subject brought to
+/// its instant (expired requests purged), re-laid out if its plan counts differently,
+/// every applicable limit charged, and the request registered under the call's id (or
+/// a generated one that no subject holds and `taken` does not refuse). `links` names
+/// the keys of the pairs after the first (recorded on the first subject's request).
+/// Changes nothing; on error no change is made at all.
+pub fn commit(
+    decision: &Decision,
+    pairs: &[Pair<'_>],
+    call: &Call<'_>,
+    links: &[&[u8]],
+    settings: &Settings,
+    interner: &mut LayoutInterner,
+    taken: &dyn Fn(&[u8]) -> bool,
+) -> Result<Committed, CommitError> {
+    let mut changes = SmallVec::new();
+    if !decision.admitted() || decision.replayed {
+        return Ok(Committed { id: None, changes });
     }
+    let mut seq = None;
+    let id: Option<Box<[u8]>> = if !decision.takes_request {
+        None
+    } else if let Some(id) = call.id {
+        for (part, pair) in pairs.iter().enumerate().skip(1) {
+            let now = decision.parts.get(part).map_or(0, |p| p.now);
+            if pair
+                .subject
+                .is_some_and(|s| s.live_request(id, now).is_some())
+            {
+                return Err(CommitError::IdInFlight { part });
+            }
+        }
+        Some(id.into())
+    } else {
+        let first_now = decision.parts.first().map_or(0, |p| p.now);
+        let mut next = pairs
+            .first()
+            .and_then(|p| p.subject)
+            .and_then(|s| s.extra.as_deref())
+            .map_or(0, |e| e.next_seq);
+        // A caller may have picked an id of this form: never reuse a held one.
+        loop {
+            let (n, id) = generated_id(first_now, next);
+            next = n;
+            let held = pairs.iter().any(|p| {
+                p.subject
+                    .and_then(Subject::requests)
+                    .is_some_and(|t| t.get(&id).is_some())
+            });
+            if !held && !taken(&id) {
+                seq = Some(n);
+                break Some(id);
+            }
+        }
+    };
+    for (index, (part, pair)) in decision.parts.iter().zip(pairs).enumerate() {
+        let links = if index == 0 { links } else { &[] };
+        let change = charge(
+            part,
+            pair.subject,
+            call,
+            id.as_deref(),
+            decision.ttl_ms,
+            links,
+            settings,
+            interner,
+        )
+        .map_err(|e| match e {
+            ChargeError::TooManySlots => CommitError::TooManySlots { part: index },
+            ChargeError::TooManyRequests(max) => CommitError::TooManyRequests { part: index, max },
+        })?;
+        changes.push(change);
+    }
+    if let (Some(seq), Some(first)) = (seq, changes.first_mut()) {
+        first.seq = Some(seq);
+    }
+    Ok(Committed { id, changes })
+}
+
+enum ChargeError {
+    TooManySlots,
+    TooManyRequests(usize),
+}
+
+/// The change charging one admitted pair makes to its subject.
+#[allow(clippy::too_many_arguments)]
+fn charge(
+    part: &Part,
+    subject: Option<&Subject>,
+    call: &Call<'_>,
+    id: Option<&[u8]>,
+    ttl_ms: u64,
+    links: &[&[u8]],
+    settings: &Settings,
+    interner: &mut LayoutInterner,
+) -> Result<Change, ChargeError> {
+    let plan = &part.plan;
+    let now = part.now;
+    let (base, purged) = match subject {
+        Some(s) => base_words(s, now),
+        None => (smallvec::smallvec![0; plan.layout.words()], false),
+    };
+    if id.is_some() {
+        if let Some(requests) = subject.and_then(Subject::requests) {
+            let live = requests.len() - requests.expired(now).count();
+            if live >= settings.max_requests {
+                return Err(ChargeError::TooManyRequests(settings.max_requests));
+            }
+        }
+    }
+    let (layout, mut words, same_layout) = match subject {
+        Some(s) if !s.holds_all_of(plan) => {
+            let (layout, words) = s
+                .layout_for(plan, &base, now, interner)
+                .map_err(|_| ChargeError::TooManySlots)?;
+            (layout, words, false)
+        }
+        Some(s) => (Arc::clone(&s.layout), base.clone(), true),
+        None => (Arc::clone(&plan.layout), base.clone(), false),
+    };
     let mut leases = Vec::new();
     let mut charges = Vec::new();
-    // Held apart from the subject so that slots can be read while words are written.
-    let layout = Arc::clone(&subject.layout);
-    for limit in plan.limits.iter().filter(|l| l.applies_to(call.endpoint)) {
-        let Some(slot) = slot_of(plan, limit, subject) else {
+    for (_, limit) in applicable(plan, call.endpoint) {
+        let Some(slot_index) = slot_in(&layout, plan, limit) else {
+            continue;
+        };
+        let Some(slot) = layout.slots().get(slot_index) else {
+            continue;
+        };
+        let Some(slot_words) = words.get_mut(layout.range(slot_index)) else {
             continue;
         };
         let cost = cost_for(limit, call);
-        let slot_meta = layout.slots().get(slot);
-        let words = subject.slot_words_mut(slot);
-        let marker = match limit.spec.rule {
+        let (marker, mark) = match limit.spec.rule {
             Rule::Fixed { window, .. } => {
-                fixed::charge(words, cost);
-                window.index(now)
+                fixed::charge(slot_words, cost);
+                (window.index(now), 0)
             }
             Rule::Sliding {
                 window_ms,
@@ -529,110 +1006,79 @@ pub fn commit(
                     window_ms,
                     precision,
                 };
-                slices.charge(words, now, cost);
-                slices.slice_of(now)
+                slices.charge(slot_words, now, cost);
+                (slices.slice_of(now), 0)
             }
             Rule::Bucket {
                 rate,
                 window_ms,
                 burst,
             } => {
-                let bucket = Bucket {
+                let Reserved {
+                    drains_at, mark, ..
+                } = Bucket {
                     rate,
                     window_ms,
                     burst,
-                };
-                bucket.charge(words, now, cost);
-                now.saturating_add(bucket.reset_ms(bucket.debt_at(words, now)))
+                }
+                .charge_reserved(slot_words, now, cost);
+                (drains_at, mark)
             }
             Rule::Concurrency { .. } => {
-                fixed::charge(words, 1);
-                leases.extend(slot_meta.map(|s| Arc::clone(&s.name)));
+                fixed::charge(slot_words, 1);
+                leases.push(Arc::clone(&slot.name));
                 continue;
             }
             Rule::Cap { .. } => continue,
         };
-        if let Some(slot) = slot_meta.filter(|_| verdict.takes_request) {
+        if id.is_some() {
             charges.push(Charge {
                 slot: slot.clone(),
                 amount: cost,
                 marker,
+                mark,
             });
         }
     }
-    if !verdict.takes_request {
-        return Ok(None);
-    }
-    let extra = subject.extra_mut();
-    let id: Box<[u8]> = match call.id {
-        Some(id) => id.into(),
-        None => loop {
-            // A caller may have picked an id of this form: never reuse a live one.
-            extra.next_seq = extra.next_seq.wrapping_add(1);
-            let id = format!("{now}-{}", extra.next_seq).into_bytes();
-            if extra.requests.get(&id).is_none() {
-                break id.into_boxed_slice();
-            }
-        },
+    let touched = same_layout.then(|| touched_slots(&layout, &base, &words));
+    let mut change = Change {
+        purge_at: purged.then_some(now),
+        limits: Some(Limits {
+            updated_ms: now,
+            layout,
+            words,
+            touched,
+        }),
+        ..Change::default()
     };
-    let request = Request {
-        expires_at: now.saturating_add(verdict.ttl_ms),
-        plan: Arc::clone(&plan.name),
-        leases,
-        charges,
-    };
-    extra.requests.insert(&id, request);
-    Ok(Some(id))
-}
-
-/// Longest fallback chain followed (plans refuse cycles; this bounds the walk anyway).
-pub const MAX_FALLBACK_DEPTH: usize = 16;
-
-/// The plan that decided a call, and how.
-#[derive(Debug, Clone)]
-pub struct Decided {
-    pub plan: Arc<Plan>,
-    pub verdict: Verdict,
-}
-
-/// Decides `call` under `requested` and, while it is denied, under each fallback plan
-/// in turn (same subject, same instant). Returns the first plan that admits the call,
-/// or the requested plan's denial; `out` holds that plan's outcomes.
-pub fn decide(
-    plans: &crate::plan::Plans,
-    requested: &Arc<Plan>,
-    subject: Option<&Subject>,
-    call: &Call<'_>,
-    clock_ms: u64,
-    settings: &Settings,
-    out: &mut Vec<Outcome>,
-) -> Decided {
-    let verdict = evaluate(requested, subject, call, clock_ms, settings, out);
-    let mut decided = Decided {
-        plan: Arc::clone(requested),
-        verdict,
-    };
-    if verdict.admitted {
-        return decided;
-    }
-    let mut scratch = Vec::new();
-    let mut next = requested.fallback.as_deref();
-    for _ in 0..MAX_FALLBACK_DEPTH {
-        let Some(plan) = next.and_then(|name| plans.get(name)) else {
-            break;
+    if let Some(id) = id {
+        let request = Request {
+            expires_at: now.saturating_add(ttl_ms),
+            plan: Arc::clone(&plan.name),
+            leases,
+            charges,
+            links: links.iter().map(|l| Box::from(*l)).collect(),
         };
-        let verdict = evaluate(plan, subject, call, clock_ms, settings, &mut scratch);
-        if verdict.admitted {
-            std::mem::swap(out, &mut scratch);
-            decided = Decided {
-                plan: Arc::clone(plan),
-                verdict,
-            };
-            break;
-        }
-        next = plan.fallback.as_deref();
+        change.put = Some((id.into(), request));
     }
-    decided
+    Ok(change)
+}
+
+/// The slot of `limit`'s budget in `layout` (laid out for `plan`).
+fn slot_in(layout: &Arc<Layout>, plan: &Plan, limit: &Limit) -> Option<usize> {
+    let index = limit.slot?;
+    if Arc::ptr_eq(layout, &plan.layout) {
+        return Some(index);
+    }
+    layout.find(plan.layout.slots().get(index)?)
+}
+
+/// The slots whose words differ between `base` and `words` (both of `layout`).
+fn touched_slots(layout: &Layout, base: &[u64], words: &[u64]) -> SmallVec<[u16; 8]> {
+    (0..layout.len())
+        .filter(|&i| base.get(layout.range(i)) != words.get(layout.range(i)))
+        .filter_map(|i| u16::try_from(i).ok())
+        .collect()
 }
 
 /// What settling a request did.
@@ -642,33 +1088,81 @@ pub struct Settled {
     pub plan: Arc<str>,
     /// The instant it was settled at.
     pub now: u64,
+    /// The other keys the same call charged (released with it).
+    pub links: Vec<Box<[u8]>>,
 }
 
-/// Ends request `id`: frees its leases and, for each `(unit, amount)` in `actual`, replaces what
-/// the reservation charged in that unit by the actual amount — refunding or charging
-/// the difference in the window that took the charge, if it is still current (a
-/// bucket charge is current until it would have drained). Never refuses: an overrun
-/// may leave a limit past its capacity. `None` if there is no live request `id`.
-pub fn release(
-    subject: &mut Subject,
+/// Why a release released nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReleased {
+    /// No such request (or it ended too long ago to be remembered).
+    Unknown,
+    /// It expired (its lease freed itself).
+    Expired,
+    /// It was released already.
+    Released,
+}
+
+impl NotReleased {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotReleased::Unknown => "unknown",
+            NotReleased::Expired => "expired",
+            NotReleased::Released => "released",
+        }
+    }
+}
+
+/// Why request `id` is not live on `subject` at `now`.
+fn why_not_live(subject: Option<&Subject>, id: &[u8], now: u64) -> NotReleased {
+    let Some(subject) = subject else {
+        return NotReleased::Unknown;
+    };
+    if subject
+        .requests()
+        .and_then(|t| t.get(id))
+        .is_some_and(|r| r.expires_at <= now)
+    {
+        return NotReleased::Expired;
+    }
+    match subject.ended(id) {
+        Some(Ended::Released) => NotReleased::Released,
+        Some(Ended::Expired) => NotReleased::Expired,
+        None => NotReleased::Unknown,
+    }
+}
+
+/// Ends request `id`: frees its leases and, for each `(unit, amount)` in `actual`,
+/// replaces what the reservation charged in that unit by the actual amount —
+/// refunding or charging the difference in the window that took the charge, if it is
+/// still current and the subject still counts that budget the same way. A refund
+/// gives back at most what of the charge is still counted (a bucket charge that has
+/// partly drained refunds only the rest). Never refuses an overrun: it may leave a
+/// limit past its capacity. Returns the change, or why nothing was released.
+pub fn settle(
+    subject: Option<&Subject>,
     id: &[u8],
     actual: &[(&str, u64)],
     clock_ms: u64,
-) -> Option<Settled> {
-    let now = subject.effective_now(clock_ms);
-    if !is_live(subject, id, now) {
-        return None;
-    }
-    subject.purge_expired(now);
-    let request = subject.extra.as_deref_mut()?.requests.remove(id)?;
-    subject.free_leases(&request);
-    subject.normalize(now);
+) -> Result<(Settled, Change), NotReleased> {
+    let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
+    let (Some(subject), Some(request)) = (subject, subject.and_then(|s| s.live_request(id, now)))
+    else {
+        return Err(why_not_live(subject, id, now));
+    };
+    let (base, purged) = base_words(subject, now);
+    let layout = &subject.layout;
+    let mut words = base.clone();
+    subject::free_leases(layout, &mut words, request);
     for charge in &request.charges {
-        let Some(slot) = subject.layout.find(&charge.slot) else {
-            continue;
-        };
         let Some(&(_, actual_amount)) = actual.iter().find(|(u, _)| *u == &*charge.slot.unit)
         else {
+            continue;
+        };
+        let Some(slot) = layout.find(&charge.slot) else {
+            continue;
+        };
+        let Some(words) = words.get_mut(layout.range(slot)) else {
             continue;
         };
         let (refund, overrun) = if actual_amount >= charge.amount {
@@ -676,15 +1170,14 @@ pub fn release(
         } else {
             (charge.amount - actual_amount, 0)
         };
-        let words = subject.slot_words_mut(slot);
         match charge.slot.shape {
-            crate::layout::Shape::Fixed { window } => {
+            Shape::Fixed { window } => {
                 if window.index(now) == charge.marker {
                     fixed::refund(words, refund);
                     fixed::charge(words, overrun);
                 }
             }
-            crate::layout::Shape::Sliding {
+            Shape::Sliding {
                 window_ms,
                 precision,
             } => {
@@ -695,44 +1188,82 @@ pub fn release(
                 slices.refund(words, now, charge.marker, refund);
                 slices.overrun(words, now, charge.marker, overrun);
             }
-            crate::layout::Shape::Bucket { window_ms } => {
-                if now < charge.marker {
-                    let bucket = Bucket::as_stored(words, window_ms);
-                    bucket.refund(words, now, refund);
-                    bucket.charge(words, now, overrun);
-                }
+            Shape::Bucket { window_ms } => {
+                let bucket = Bucket::as_stored(words, window_ms);
+                let reserved = Reserved {
+                    amount: charge.amount,
+                    drains_at: charge.marker,
+                    mark: charge.mark,
+                };
+                bucket.refund_reserved(words, now, reserved, refund);
+                bucket.charge(words, now, overrun);
             }
-            crate::layout::Shape::Concurrency => {}
+            Shape::Concurrency => {}
         }
     }
-    subject.tidy();
-    Some(Settled {
-        plan: request.plan,
-        now,
-    })
+    let change = Change {
+        purge_at: purged.then_some(now),
+        limits: Some(Limits {
+            updated_ms: now,
+            layout: Arc::clone(layout),
+            touched: Some(touched_slots(layout, &base, &words)),
+            words,
+        }),
+        removed: Some(id.into()),
+        ..Change::default()
+    };
+    Ok((
+        Settled {
+            plan: Arc::clone(&request.plan),
+            now,
+            links: request.links.clone(),
+        },
+        change,
+    ))
 }
 
-/// Whether `id` names a request that has not expired at `now`.
-fn is_live(subject: &Subject, id: &[u8], now: u64) -> bool {
-    subject
+/// How every limit of `plan` stands for `subject` at `now`, charging nothing (the
+/// limits part of an `RL.RELEASE` reply).
+pub fn report(plan: &Arc<Plan>, subject: Option<&Subject>, now: u64) -> Outcomes {
+    let now = subject.map_or(now, |s| s.effective_now(now));
+    standing(plan, subject, None, true, now)
+}
+
+/// Extends live request `id` to expire `ttl_ms` from now. Returns the new expiry and
+/// the change, or why there is no live request `id`.
+pub fn touch(
+    subject: Option<&Subject>,
+    id: &[u8],
+    ttl_ms: u64,
+    clock_ms: u64,
+) -> Result<(u64, Change), NotReleased> {
+    let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
+    let (Some(subject), Some(request)) = (subject, subject.and_then(|s| s.live_request(id, now)))
+    else {
+        return Err(why_not_live(subject, id, now));
+    };
+    let purged = subject
         .requests()
-        .and_then(|t| t.get(id))
-        .is_some_and(|r| r.expires_at > now)
+        .is_some_and(|t| t.expired(now).next().is_some());
+    let expires_at = now.saturating_add(ttl_ms);
+    let mut request = request.clone();
+    request.expires_at = expires_at;
+    let change = Change {
+        purge_at: purged.then_some(now),
+        put: Some((id.into(), request)),
+        ..Change::default()
+    };
+    Ok((expires_at, change))
 }
 
-/// Extends live request `id` to expire `ttl_ms` from now, returning the new expiry.
-/// `None` (and nothing changed) if there is no live request `id`.
-pub fn touch(subject: &mut Subject, id: &[u8], ttl_ms: u64, clock_ms: u64) -> Option<u64> {
-    let now = subject.effective_now(clock_ms);
-    if !is_live(subject, id, now) {
-        return None;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_wrap_before_the_sequence_limit() {
+        assert_eq!(generated_id(5, 0).0, 1);
+        assert_eq!(generated_id(5, MAX_SEQ).0, 1);
+        assert_eq!(&*generated_id(5, 7).1, b"5-8");
     }
-    subject.purge_expired(now);
-    subject.normalize(now);
-    let expires_at = now.saturating_add(ttl_ms);
-    let extra = subject.extra.as_deref_mut()?;
-    extra
-        .requests
-        .set_expiry(id, expires_at)
-        .then_some(expires_at)
 }

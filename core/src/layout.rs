@@ -1,10 +1,13 @@
 //! Which counters a subject holds and where each lives in its state words.
 //!
 //! A subject's state is a flat `[u64]`; its [`Layout`] names the counter (the *slot*)
-//! at each offset. A slot is identified by its limit name and its [`Shape`]
-//! (algorithm, unit, window): usage carries over between plans exactly when both match.
-//! Layouts are interned ([`LayoutInterner`]) so that a million subjects on one plan
-//! share one layout, and the common call checks layout identity with a pointer compare.
+//! at each offset. A slot is one *budget*: a limit name and the unit it counts. Its
+//! [`Shape`] (algorithm and window) says how the words are read; when a plan counts a
+//! budget another way, the subject converts the usage into the new shape (see
+//! [`crate::limits::carry_over`]) — switching plans, falling back or changing
+//! `RL.THROTTLE` parameters never opens a second budget. Layouts are interned
+//! ([`LayoutInterner`]) so that a million subjects on one plan share one layout, and
+//! the common call checks layout identity with a pointer compare.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -102,9 +105,9 @@ impl Shape {
     }
 }
 
-/// One counter of a subject: a limit name, the unit it counts and its shape. All
-/// three together identify it: a subject may hold two slots of one name (plans that
-/// count it differently), and usage carries over only to an identical slot.
+/// One counter of a subject: a limit name, the unit it counts and its shape. Name and
+/// unit identify the budget (a layout holds at most one slot per name and unit); the
+/// shape says how its words are read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Slot {
     /// Shared with reservations that charged this slot (cloning is a refcount bump).
@@ -138,14 +141,24 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// Whether `self` is the budget `name` counted in `unit`.
+    pub fn is_budget(&self, name: &str, unit: &str) -> bool {
+        &*self.name == name && &*self.unit == unit
+    }
+}
+
 /// The slots of a subject, in order, with the word offset of each.
 #[derive(Debug)]
 pub struct Layout {
     slots: Box<[Slot]>,
     offsets: Box<[usize]>,
     words: usize,
-    /// The layout's encoding, made once: every replicated write ships it.
+    /// The layout's encoding, made once: a replicated write that changes the layout
+    /// ships it.
     encoded: Box<[u8]>,
+    /// A hash of the encoding: a write that keeps the layout ships this instead.
+    fingerprint: u64,
 }
 
 // Equality and hashing are by slots; offsets and encoding derive from them.
@@ -176,12 +189,19 @@ impl Layout {
         for slot in &slots {
             slot.encode(&mut w);
         }
+        let encoded = w.into_inner().into_boxed_slice();
         Layout {
             slots: slots.into_boxed_slice(),
             offsets: offsets.into_boxed_slice(),
             words,
-            encoded: w.into_inner().into_boxed_slice(),
+            fingerprint: fnv1a(&encoded),
+            encoded,
         }
+    }
+
+    /// A hash of the layout (equal layouts, equal fingerprints).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     pub fn empty() -> Layout {
@@ -218,6 +238,11 @@ impl Layout {
         self.slots.iter().position(|s| s == slot)
     }
 
+    /// The index of the slot of budget `name` in `unit`, whatever its shape.
+    pub fn find_budget(&self, name: &str, unit: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.is_budget(name, unit))
+    }
+
     /// The index of the concurrency slot named `name`: where a lease of that name is
     /// counted (a layout holds at most one).
     pub fn lease_slot(&self, name: &str) -> Option<usize> {
@@ -230,19 +255,32 @@ impl Layout {
         w.buf.extend_from_slice(&self.encoded);
     }
 
-    pub fn decode(r: &mut Reader<'_>) -> Result<Layout, DecodeError> {
+    /// Reads a layout. Encoding version 1 allowed one budget in several shapes (the
+    /// subject's decoder merges them); later versions refuse it.
+    pub fn decode(r: &mut Reader<'_>, version: u8) -> Result<Layout, DecodeError> {
         let n = r.count(MAX_SLOTS)?;
         let mut slots: Vec<Slot> = Vec::with_capacity(n);
         for _ in 0..n {
             let slot = Slot::decode(r)?;
-            // Concurrency slots all count leases, so one name has at most one.
-            if slots.contains(&slot) {
+            let twice = if version == 1 {
+                slots.contains(&slot)
+            } else {
+                slots.iter().any(|s| s.is_budget(&slot.name, &slot.unit))
+            };
+            if twice {
                 return bad(format!("slot '{}' appears twice", slot.name));
             }
             slots.push(slot);
         }
         Ok(Layout::new(slots))
     }
+}
+
+/// FNV-1a, 64 bits.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Shares equal layouts. Entries only the interner still holds are dropped as the
@@ -320,8 +358,8 @@ mod tests {
         ]);
         assert_eq!(layout.range(0), 0..1);
         assert_eq!(layout.range(1), 1..12);
-        assert_eq!(layout.range(2), 12..16);
-        assert_eq!(layout.words(), 16);
+        assert_eq!(layout.range(2), 12..17);
+        assert_eq!(layout.words(), 17);
         assert_eq!(layout.range(3), 0..0);
         assert_eq!(
             layout.find(&slot("c", Shape::Bucket { window_ms: 1000 })),
@@ -384,18 +422,18 @@ mod tests {
         let mut w = Writer::new();
         layout.encode(&mut w);
         let buf = w.into_inner();
-        assert_eq!(Layout::decode(&mut Reader::new(&buf)), Ok(layout));
+        assert_eq!(Layout::decode(&mut Reader::new(&buf), 2), Ok(layout));
         for cut in 0..buf.len() {
-            assert!(Layout::decode(&mut Reader::new(&buf[..cut])).is_err());
+            assert!(Layout::decode(&mut Reader::new(&buf[..cut]), 2).is_err());
         }
     }
 
     #[test]
-    fn one_name_may_hold_two_shapes_but_not_two_lease_counts() {
-        let round_trip = |slots: Vec<Slot>| {
+    fn one_budget_has_one_slot_but_one_name_may_count_two_units() {
+        let round_trip = |slots: Vec<Slot>, version| {
             let mut w = Writer::new();
             Layout::new(slots).encode(&mut w);
-            Layout::decode(&mut Reader::new(&w.into_inner()))
+            Layout::decode(&mut Reader::new(&w.into_inner()), version)
         };
         let fixed = slot(
             "rpm",
@@ -410,17 +448,21 @@ mod tests {
                 precision: 6,
             },
         );
-        let layout = round_trip(vec![fixed.clone(), sliding.clone()]);
-        assert!(layout.is_ok());
-        let layout = layout.unwrap_or_else(|_| Layout::empty());
-        assert_eq!(layout.find(&sliding), Some(1));
-        assert!(round_trip(vec![fixed.clone(), fixed]).is_err());
+        assert!(round_trip(vec![fixed.clone(), sliding.clone()], 2).is_err());
+        // Version 1 stored such pairs; its decoder merges them.
+        assert!(round_trip(vec![fixed.clone(), sliding.clone()], 1).is_ok());
+        let tokens = Slot {
+            unit: Arc::from("token"),
+            ..fixed.clone()
+        };
+        let layout = round_trip(vec![fixed.clone(), tokens], 2);
+        assert_eq!(layout.map(|l| l.find_budget("rpm", "token")), Ok(Some(1)));
+        assert!(round_trip(vec![fixed.clone(), fixed], 1).is_err());
         let lease = slot("c", Shape::Concurrency);
-        assert!(round_trip(vec![lease.clone(), lease.clone()]).is_err());
         let other_unit = Slot {
             unit: Arc::from("job"),
             ..lease
         };
-        assert!(round_trip(vec![other_unit]).is_err());
+        assert!(round_trip(vec![other_unit], 2).is_err());
     }
 }

@@ -16,16 +16,20 @@
 //! - **stamp**, **version**, **tombstone**: how plan changes are ordered and deletions
 //!   remembered so that every node converges, see [`registry`] and [`plansync`].
 
+pub mod change;
 pub mod codec;
 pub mod credits;
 pub mod decide;
 pub mod delta;
+pub mod keyslot;
 pub mod layout;
 pub mod limits;
 pub mod plan;
 pub mod plansync;
+pub mod queue;
 pub mod registry;
 pub mod requests;
 pub mod spec;
 pub mod subject;
+pub mod throttle;
 pub mod time;

@@ -12,6 +12,52 @@ use std::sync::Arc;
 use crate::layout::{Layout, LayoutInterner, Shape, Slot};
 use crate::spec::{is_valid_name, parse_limit_spec, LimitSpec, Rule};
 
+/// Why a call's plan argument names no plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveError<'a> {
+    /// `*` with no assigned plan and no default plan.
+    NothingForStar,
+    Unknown(&'a str),
+}
+
+impl fmt::Display for ResolveError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResolveError::NothingForStar => {
+                f.write_str("plan '*': the subject has no assigned plan and no default plan is set")
+            }
+            ResolveError::Unknown(name) => write!(f, "unknown plan '{name}'"),
+        }
+    }
+}
+
+/// Words a unit may not be called: `RL.ACQUIRE`'s keywords (`COST credits 3` would
+/// read as the `CREDITS` option, so such a unit could never be charged) and `lease`
+/// (what concurrency limits count).
+pub const RESERVED_UNITS: [&str; 10] = [
+    "cost", "endpoint", "id", "ttl", "wait", "priority", "credits", "compact", "also", "lease",
+];
+
+/// Refuses a plan whose limits count a reserved unit (checked when a command sets a
+/// plan; plans loaded or merged from elsewhere are taken as they are).
+pub fn check_units(plan: &Plan) -> Result<(), PlanError> {
+    for limit in &plan.limits {
+        let unit = &*limit.spec.unit;
+        let reserved = RESERVED_UNITS.iter().any(|r| unit.eq_ignore_ascii_case(r));
+        if reserved && !matches!(limit.spec.rule, Rule::Concurrency { .. }) {
+            return Err(PlanError {
+                plan: plan.name.to_string(),
+                field: Some(limit.name.to_string()),
+                message: format!(
+                    "unit '{unit}' is a reserved word (RL.ACQUIRE keywords and 'lease'); \
+                     name the unit otherwise"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The registry of all plans (see [`crate::registry`]).
 pub use crate::registry::Plans;
 

@@ -586,7 +586,9 @@ impl Plans {
             ));
         }
         let plan = Plan::compile(name, fields, interner)?;
+        crate::plan::check_units(&plan)?;
         self.check_no_cycle(&plan)?;
+        self.check_fallback_units(&plan)?;
         let stamp = self.next_stamp(author, name)?;
         let change = Change::Plan {
             name: name.into(),
@@ -828,6 +830,89 @@ impl Plans {
         }
         self.oldest_tombstone = dead.get(pruned).map_or(u64::MAX, |(counter, _)| *counter);
         pruned
+    }
+
+    /// The plan a call names: `*` is the subject's `assigned` plan, else the default.
+    pub fn resolve<'a>(
+        &'a self,
+        name: &'a str,
+        assigned: Option<&'a str>,
+    ) -> Result<&'a Arc<Plan>, crate::plan::ResolveError<'a>> {
+        use crate::plan::ResolveError;
+        let resolved = if name == "*" {
+            assigned
+                .or(self.default_plan())
+                .ok_or(ResolveError::NothingForStar)?
+        } else {
+            name
+        };
+        self.get(resolved).ok_or(ResolveError::Unknown(resolved))
+    }
+
+    /// The plans a chain starting at `start` visits, with `candidate` in place of the
+    /// registered plan of its name.
+    fn chain<'a>(&'a self, start: &'a Plan, candidate: &'a Plan) -> Vec<&'a Plan> {
+        let mut chain = vec![start];
+        let mut next = start.fallback.as_deref();
+        while let Some(name) = next {
+            if chain.len() > crate::decide::MAX_FALLBACK_DEPTH {
+                break;
+            }
+            let plan = if name == &*candidate.name {
+                Some(candidate)
+            } else {
+                self.get(name).map(|p| &**p)
+            };
+            let Some(plan) = plan else { break };
+            if chain.iter().any(|p| p.name == plan.name) {
+                break;
+            }
+            chain.push(plan);
+            next = plan.fallback.as_deref();
+        }
+        chain
+    }
+
+    /// Refuses `candidate` if a fallback chain through it (with it in place) would
+    /// count one limit name in two units: a fallback must never open a second budget
+    /// of the same name, nor charge it in another unit. O(plans with a fallback).
+    fn check_fallback_units(&self, candidate: &Plan) -> Result<(), PlanError> {
+        let others: Vec<Arc<Plan>> = self
+            .names()
+            .into_iter()
+            .filter_map(|n| self.get(n))
+            .filter(|p| p.fallback.is_some() && p.name != candidate.name)
+            .cloned()
+            .collect();
+        let starts = std::iter::once(candidate).chain(others.iter().map(|p| &**p));
+        for start in starts {
+            let chain = self.chain(start, candidate);
+            if !chain.iter().any(|p| p.name == candidate.name) {
+                continue;
+            }
+            for (i, a) in chain.iter().enumerate() {
+                for b in chain.iter().skip(i + 1) {
+                    for limit in &a.limits {
+                        if let Some(other) = b
+                            .limits
+                            .iter()
+                            .find(|l| l.name == limit.name && l.spec.unit != limit.spec.unit)
+                        {
+                            return Err(PlanError {
+                                plan: candidate.name.to_string(),
+                                field: Some("fallback".into()),
+                                message: format!(
+                                    "limit '{}' counts {} in plan '{}' but {} in its fallback '{}': \
+                                     one limit name is one budget; rename one of them",
+                                    limit.name, limit.spec.unit, a.name, other.spec.unit, b.name
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Refuses `candidate` if following fallbacks from it (with it in place) loops.

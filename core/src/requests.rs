@@ -11,21 +11,33 @@ use std::sync::Arc;
 
 use crate::codec::{bad, DecodeError, Reader, Writer};
 use crate::spec::is_valid_name;
+use crate::time::{MAX_INSTANT_MS, MAX_WINDOW_MS};
 
 /// Longest request id, in bytes.
 pub const MAX_ID_LEN: usize = 256;
+/// Most in-flight requests one subject may hold: the ceiling of
+/// `tollgate.max-requests-per-key`, and what decoding accepts.
+pub const MAX_REQUESTS: usize = 10_000_000;
+
+/// Most keys one call may name besides its first (`ALSO count ...`): the ceiling of
+/// `tollgate.max-also`.
+pub const MAX_LINKS: usize = 64;
+/// Longest key name a request may link to, in bytes.
+pub const MAX_LINK_LEN: usize = 4_096;
 
 /// What one limit was charged by a reservation, and where, so that settling can
 /// reach the same window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
     /// The slot charged (the subject's layout may have changed since: settling
-    /// reaches it only if the subject still holds an identical slot).
+    /// reaches it only while the subject counts that budget in the same shape).
     pub slot: crate::layout::Slot,
     pub amount: u64,
     /// Which window took the charge: the fixed window index, the sliding slice, or for
-    /// a bucket the instant by which this charge would have drained.
+    /// a bucket the instant (rounded down) by which this charge has drained.
     pub marker: u64,
+    /// For a bucket, its refund mark after the charge (see [`crate::limits::bucket`]).
+    pub mark: u64,
 }
 
 /// One in-flight request.
@@ -38,6 +50,9 @@ pub struct Request {
     pub leases: Vec<Arc<str>>,
     /// What was charged (empty unless the acquire named an `ID`).
     pub charges: Vec<Charge>,
+    /// The other keys the same call charged under the same id (`ALSO`), held by the
+    /// call's first key only: releasing or touching it there reaches them too.
+    pub links: Vec<Box<[u8]>>,
 }
 
 /// The requests of one subject.
@@ -141,11 +156,11 @@ impl Requests {
         }
     }
 
-    pub fn decode(r: &mut Reader<'_>, max: usize) -> Result<Requests, DecodeError> {
-        let n = r.count(max)?;
+    pub fn decode(r: &mut Reader<'_>, version: u8) -> Result<Requests, DecodeError> {
+        let n = r.count(MAX_REQUESTS)?;
         let mut requests = Requests::default();
         for _ in 0..n {
-            let (id, request) = decode_request(r)?;
+            let (id, request) = decode_request(r, version)?;
             if requests.by_id.contains_key(id) {
                 return bad("request id appears twice");
             }
@@ -169,15 +184,30 @@ pub fn encode_request(w: &mut Writer, id: &[u8], request: &Request) {
         charge.slot.encode(w);
         w.varint(charge.amount);
         w.varint(charge.marker);
+        w.varint(charge.mark);
+    }
+    w.varint(request.links.len() as u64);
+    for link in &request.links {
+        w.bytes(link);
     }
 }
 
-pub fn decode_request<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], Request), DecodeError> {
+/// The latest instant a request may expire at: a TTL past the latest instant.
+pub const MAX_EXPIRY_MS: u64 = MAX_INSTANT_MS + MAX_WINDOW_MS;
+
+/// Reads one request of encoding `version` (1: no bucket marks, no links).
+pub fn decode_request<'a>(
+    r: &mut Reader<'a>,
+    version: u8,
+) -> Result<(&'a [u8], Request), DecodeError> {
     let id = r.bytes()?;
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return bad("request id length out of range");
     }
     let expires_at = r.varint()?;
+    if expires_at > MAX_EXPIRY_MS {
+        return bad("request expiry out of range");
+    }
     let plan = r.str()?;
     let name = |r: &mut Reader<'_>| -> Result<Arc<str>, DecodeError> {
         let s = r.str()?;
@@ -203,7 +233,18 @@ pub fn decode_request<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], Request), Dec
             slot,
             amount: r.varint()?,
             marker: r.varint()?,
+            mark: if version == 1 { 0 } else { r.varint()? },
         });
+    }
+    let mut links = Vec::new();
+    if version != 1 {
+        for _ in 0..r.count(MAX_LINKS)? {
+            let link = r.bytes()?;
+            if link.is_empty() || link.len() > MAX_LINK_LEN {
+                return bad("linked key length out of range");
+            }
+            links.push(Box::from(link));
+        }
     }
     Ok((
         id,
@@ -212,6 +253,7 @@ pub fn decode_request<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], Request), Dec
             plan: Arc::from(plan),
             leases,
             charges,
+            links,
         },
     ))
 }
@@ -235,7 +277,9 @@ mod tests {
                 },
                 amount: 3,
                 marker: 9,
+                mark: 1,
             }],
+            links: vec![Box::from(&b"{org}:team"[..])],
         }
     }
 
@@ -284,10 +328,9 @@ mod tests {
         let mut w = Writer::new();
         t.encode(&mut w);
         let buf = w.into_inner();
-        assert_eq!(Requests::decode(&mut Reader::new(&buf), 10), Ok(t));
+        assert_eq!(Requests::decode(&mut Reader::new(&buf), 2), Ok(t));
         for cut in 0..buf.len() {
-            assert!(Requests::decode(&mut Reader::new(&buf[..cut]), 10).is_err());
+            assert!(Requests::decode(&mut Reader::new(&buf[..cut]), 2).is_err());
         }
-        assert!(Requests::decode(&mut Reader::new(&buf), 1).is_err());
     }
 }

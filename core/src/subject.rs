@@ -5,35 +5,52 @@
 //!   high-water mark for this subject: calls are decided at
 //!   `max(server clock, updated_ms)`, so a clock stepping back never admits more;
 //! - `extra` holds what most subjects never need: in-flight requests (leases and
-//!   reservations), the assigned plan and the id sequence. It is boxed so that a
-//!   plain subject stays small.
+//!   reservations), the assigned plan, the id sequence and the last requests that
+//!   ended. It is boxed so that a plain subject stays small.
 //!
 //! Always: `words.len() == layout.words()`, every slot is normalized to `updated_ms`,
-//! and each concurrency slot's word counts the requests holding a lease in it.
+//! each concurrency slot's word counts the requests holding a lease in it, and every
+//! instant and sequence is in the range [`Subject::decode`] accepts — so whatever a
+//! command made saves and loads again.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::codec::{bad, DecodeError, Reader, Writer};
 use crate::layout::{Layout, LayoutInterner, Shape};
-use crate::limits::bucket::Bucket;
-use crate::limits::{fixed, sliding::Slices};
+use crate::limits::bucket::{self, Bucket};
+use crate::limits::{add_units, carry_over, fixed, sliding::Slices, used_units};
 use crate::plan::Plan;
-use crate::requests::{Request, Requests};
+use crate::requests::{Request, Requests, MAX_EXPIRY_MS, MAX_ID_LEN};
 use crate::spec::is_valid_name;
+use crate::time::MAX_INSTANT_MS;
 
 /// Version of [`Subject::encode`]'s format (the module's data-type encoding version).
-pub const ENCODING_VERSION: u8 = 1;
+/// Version 1 (the first release) is still read: its buckets had four words, its
+/// requests no bucket marks or links, and a budget could have two shapes.
+pub const ENCODING_VERSION: u8 = 2;
 
 /// Words kept inside the subject's own allocation: enough for the usual plans (a
-/// sliding window of 10 slices, a fixed window and a bucket take 16), so a call
-/// touches one allocation, not two. Larger layouts spill to the heap.
+/// sliding window of 10 slices and a fixed window take 12), so a call touches one
+/// allocation, not two. Larger layouts spill to the heap.
 pub const INLINE_WORDS: usize = 16;
+
+/// Highest id sequence number; generated ids wrap around before it.
+pub const MAX_SEQ: u64 = 1 << 62;
+
+/// How many ended requests a subject remembers (so a repeated release can say why
+/// it released nothing).
+pub const ENDED_KEPT: usize = 8;
 
 /// A subject's state words.
 pub type Words = smallvec::SmallVec<[u64; INLINE_WORDS]>;
 
-/// The limit part of a subject: `updated_ms`, layout and words.
-pub type LimitPart = (u64, Arc<Layout>, Words);
+/// How a request ended, for a release that finds it gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Released,
+    Expired,
+}
 
 /// Rarely used parts of a subject.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,11 +62,24 @@ pub struct Extra {
     pub next_seq: u64,
     /// The key must not expire before this instant: clients are waiting on it.
     pub keep_until: u64,
+    /// The last requests that ended, newest last.
+    pub ended: VecDeque<(Box<[u8]>, Ended)>,
 }
 
 impl Extra {
     fn is_empty(&self) -> bool {
-        self.assigned.is_none() && self.requests.is_empty() && self.keep_until == 0
+        self.assigned.is_none()
+            && self.requests.is_empty()
+            && self.keep_until == 0
+            && self.ended.is_empty()
+    }
+
+    /// Remembers that request `id` ended.
+    pub fn record_end(&mut self, id: &[u8], how: Ended) {
+        if self.ended.len() >= ENDED_KEPT {
+            self.ended.pop_front();
+        }
+        self.ended.push_back((Box::from(id), how));
     }
 }
 
@@ -72,13 +102,38 @@ pub enum Expiry {
     Never,
 }
 
+/// Re-laying a subject out would take more than [`crate::layout::MAX_SLOTS`] slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySlots;
+
+/// Brings words of `layout` from `updated` to `now` (`now >= updated`).
+pub fn normalize_words(layout: &Layout, words: &mut [u64], updated: u64, now: u64) {
+    for (i, slot) in layout.slots().iter().enumerate() {
+        let Some(words) = words.get_mut(layout.range(i)) else {
+            continue;
+        };
+        match slot.shape {
+            Shape::Fixed { window } => fixed::normalize(words, window, updated, now),
+            Shape::Sliding {
+                window_ms,
+                precision,
+            } => Slices {
+                window_ms,
+                precision,
+            }
+            .normalize(words, updated, now),
+            Shape::Bucket { .. } | Shape::Concurrency => {}
+        }
+    }
+}
+
 impl Subject {
     /// A subject with every counter of `layout` at zero, as of `now`.
     pub fn new(layout: Arc<Layout>, now: u64) -> Subject {
         let words = smallvec::smallvec![0; layout.words()];
         Subject {
             layout,
-            updated_ms: now,
+            updated_ms: now.min(MAX_INSTANT_MS),
             words,
             extra: None,
         }
@@ -97,12 +152,28 @@ impl Subject {
         self.extra.as_deref().map(|e| &e.requests)
     }
 
+    /// The live request `id` at `now`, if any.
+    pub fn live_request(&self, id: &[u8], now: u64) -> Option<&Request> {
+        self.requests()?.get(id).filter(|r| r.expires_at > now)
+    }
+
     pub fn extra_mut(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Default::default)
     }
 
     pub fn assigned(&self) -> Option<&str> {
         self.extra.as_deref().and_then(|e| e.assigned.as_deref())
+    }
+
+    /// How request `id` ended, if this subject remembers it.
+    pub fn ended(&self, id: &[u8]) -> Option<Ended> {
+        self.extra
+            .as_deref()?
+            .ended
+            .iter()
+            .rev()
+            .find(|(e, _)| &**e == id)
+            .map(|(_, how)| *how)
     }
 
     /// Drops `extra` when it holds nothing.
@@ -112,42 +183,28 @@ impl Subject {
         }
     }
 
-    /// The instant calls are decided at: never before what this subject has seen.
+    /// The instant calls are decided at: never before what this subject has seen,
+    /// never past [`MAX_INSTANT_MS`].
     pub fn effective_now(&self, clock_ms: u64) -> u64 {
-        clock_ms.max(self.updated_ms)
+        clock_ms.min(MAX_INSTANT_MS).max(self.updated_ms)
     }
 
     /// Brings every slot from `updated_ms` to `now` (`now >= updated_ms`).
     pub fn normalize(&mut self, now: u64) {
-        let updated = self.updated_ms;
-        let layout = Arc::clone(&self.layout);
-        for (i, slot) in layout.slots().iter().enumerate() {
-            let words = self.slot_words_mut(i);
-            match slot.shape {
-                Shape::Fixed { window } => fixed::normalize(words, window, updated, now),
-                Shape::Sliding {
-                    window_ms,
-                    precision,
-                } => Slices {
-                    window_ms,
-                    precision,
-                }
-                .normalize(words, updated, now),
-                Shape::Bucket { .. } | Shape::Concurrency => {}
-            }
-        }
+        normalize_words(&self.layout, &mut self.words, self.updated_ms, now);
         self.updated_ms = now;
     }
 
     /// Removes requests expired at `now`, freeing their leases.
     pub fn purge_expired(&mut self, now: u64) -> usize {
         let mut purged = 0;
-        while let Some((_, request)) = self
+        while let Some((id, request)) = self
             .extra
             .as_deref_mut()
             .and_then(|e| e.requests.pop_expired(now))
         {
             self.free_leases(&request);
+            self.extra_mut().record_end(&id, Ended::Expired);
             purged += 1;
         }
         purged
@@ -155,16 +212,10 @@ impl Subject {
 
     /// Takes one off each concurrency count the request held a lease in.
     pub fn free_leases(&mut self, request: &Request) {
-        for lease in &request.leases {
-            if let Some(i) = self.layout.lease_slot(lease) {
-                if let Some(count) = self.slot_words_mut(i).first_mut() {
-                    *count = count.saturating_sub(1);
-                }
-            }
-        }
+        free_leases(&self.layout, &mut self.words, request);
     }
 
-    /// Whether every slot of `plan` is present here with the same unit and shape.
+    /// Whether every slot of `plan` is present here in the same shape.
     pub fn holds_all_of(&self, plan: &Plan) -> bool {
         Arc::ptr_eq(&self.layout, &plan.layout)
             || plan
@@ -174,64 +225,53 @@ impl Subject {
                 .all(|want| self.layout.find(want).is_some())
     }
 
-    /// Re-lays the subject out for `plan` (normalized to `updated_ms` first): the
-    /// plan's slots first — carrying usage over from identical slots (name, unit and
-    /// shape), fresh otherwise — then every other slot that still holds usage, so
-    /// switching between plans that count one name differently loses nothing, and
-    /// every lease keeps its concurrency slot. Returns false, changing nothing, if
-    /// that would take more than [`crate::layout::MAX_SLOTS`] slots.
-    #[must_use]
-    pub fn relayout_for(&mut self, plan: &Plan, interner: &mut LayoutInterner) -> bool {
-        let old = Arc::clone(&self.layout);
+    /// The layout and words the subject would have laid out for `plan` at `now`
+    /// (its words normalized to `now`): the plan's slots first — carrying each
+    /// budget's usage over, converted if the plan counts it in another shape — then
+    /// every other slot that still holds usage, so switching plans loses nothing and
+    /// every lease keeps its concurrency slot. Changes nothing.
+    pub fn layout_for(
+        &self,
+        plan: &Plan,
+        words: &[u64],
+        now: u64,
+        interner: &mut LayoutInterner,
+    ) -> Result<(Arc<Layout>, Words), TooManySlots> {
+        let old = &self.layout;
+        let busy = |i: usize, shape: Shape| {
+            let w = words.get(old.range(i)).unwrap_or(&[]);
+            slot_busy(shape, w, now)
+        };
         let mut slots: Vec<_> = plan.layout.slots().to_vec();
         for (i, slot) in old.slots().iter().enumerate() {
-            if self.slot_busy(i, slot.shape) && !slots.contains(slot) {
+            let counted = slots.iter().any(|s| s.is_budget(&slot.name, &slot.unit));
+            if !counted && busy(i, slot.shape) {
                 slots.push(slot.clone());
             }
         }
         if slots.len() > crate::layout::MAX_SLOTS {
-            return false;
+            return Err(TooManySlots);
         }
         let layout = interner.intern(Layout::new(slots));
-        let mut words: Words = smallvec::smallvec![0; layout.words()];
+        let mut new_words: Words = smallvec::smallvec![0; layout.words()];
         for (i, slot) in layout.slots().iter().enumerate() {
-            if let (Some(j), Some(dst)) = (old.find(slot), words.get_mut(layout.range(i))) {
-                dst.copy_from_slice(self.slot_words(j));
+            let Some(j) = old.find_budget(&slot.name, &slot.unit) else {
+                continue;
+            };
+            let (Some(from), Some(to)) =
+                (words.get(old.range(j)), new_words.get_mut(layout.range(i)))
+            else {
+                continue;
+            };
+            let from_shape = old.slots().get(j).map(|s| s.shape);
+            if from_shape == Some(slot.shape) {
+                to.copy_from_slice(from);
+            } else if let Some(from_shape) = from_shape {
+                let rate = plan_rate(plan, &slot.name, &slot.unit);
+                carry_over((from_shape, from), now, (slot.shape, rate), now, to);
             }
         }
-        self.layout = layout;
-        self.words = words;
-        true
-    }
-
-    /// The instant slot `i` (of `shape`) holds no usage from; `None` if it holds none.
-    /// Leases are not counted here: their requests' expiry is.
-    fn slot_idle_at(&self, i: usize, shape: Shape) -> Option<u64> {
-        let words = self.slot_words(i);
-        match shape {
-            Shape::Fixed { window } => fixed::idle_at(words, window, self.updated_ms),
-            Shape::Sliding {
-                window_ms,
-                precision,
-            } => Slices {
-                window_ms,
-                precision,
-            }
-            .idle_at(words, self.updated_ms),
-            Shape::Bucket { .. } => Bucket::idle_at(words),
-            Shape::Concurrency => None,
-        }
-    }
-
-    /// Whether slot `i` still holds usage at `updated_ms` (a refilled bucket keeps
-    /// non-zero words but holds none).
-    fn slot_busy(&self, i: usize, shape: Shape) -> bool {
-        match shape {
-            Shape::Concurrency => self.slot_words(i).first().is_some_and(|&n| n > 0),
-            _ => self
-                .slot_idle_at(i, shape)
-                .is_some_and(|at| at > self.updated_ms),
-        }
+        Ok((layout, new_words))
     }
 
     /// When the key may expire: the latest instant any slot or request is busy until.
@@ -246,39 +286,23 @@ impl Subject {
             .filter(|&k| k > 0);
         let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry).max(keep);
         for (i, slot) in self.layout.slots().iter().enumerate() {
-            latest = latest.max(self.slot_idle_at(i, slot.shape));
+            latest = latest.max(slot_idle_at(
+                slot.shape,
+                self.slot_words(i),
+                self.updated_ms,
+            ));
         }
         latest.map_or(Expiry::Idle, Expiry::At)
-    }
-
-    /// Writes the limit part (instant, layout, words): what a call that charges
-    /// limits replicates.
-    pub fn encode_limits(&self, w: &mut Writer) {
-        w.varint(self.updated_ms);
-        self.layout.encode(w);
-        for &word in self.words.iter() {
-            w.varint(word);
-        }
-    }
-
-    /// Reads a limit part written by [`Subject::encode_limits`].
-    pub fn decode_limits(
-        r: &mut Reader<'_>,
-        interner: &mut LayoutInterner,
-    ) -> Result<LimitPart, DecodeError> {
-        let updated_ms = r.varint()?;
-        let layout = Layout::decode(r)?;
-        let mut words = Words::with_capacity(layout.words());
-        for _ in 0..layout.words() {
-            words.push(r.varint()?);
-        }
-        Ok((updated_ms, interner.intern(layout), words))
     }
 
     /// Writes the whole subject (RDB, DUMP, AOF rewrite, digests). Canonical: equal
     /// subjects encode to equal bytes.
     pub fn encode(&self, w: &mut Writer) {
-        self.encode_limits(w);
+        w.varint(self.updated_ms);
+        self.layout.encode(w);
+        for &word in self.words.iter() {
+            w.varint(word);
+        }
         match self.extra.as_deref() {
             None => w.u8(0),
             Some(extra) => {
@@ -293,18 +317,59 @@ impl Subject {
                 w.varint(extra.next_seq);
                 w.varint(extra.keep_until);
                 extra.requests.encode(w);
+                w.varint(extra.ended.len() as u64);
+                for (id, how) in &extra.ended {
+                    w.bytes(id);
+                    w.u8(match how {
+                        Ended::Released => 1,
+                        Ended::Expired => 2,
+                    });
+                }
             }
         }
     }
 
-    /// Reads a subject written by [`Subject::encode`], checking every invariant.
+    /// Reads the limit part (instant, layout, words) of encoding `version`.
+    pub fn decode_limits(
+        r: &mut Reader<'_>,
+        interner: &mut LayoutInterner,
+        version: u8,
+    ) -> Result<(u64, Arc<Layout>, Words), DecodeError> {
+        let updated_ms = r.varint()?;
+        if updated_ms > MAX_INSTANT_MS {
+            return bad("instant out of range");
+        }
+        let layout = Layout::decode(r, version)?;
+        let mut words = Words::with_capacity(layout.words());
+        for slot in layout.slots() {
+            let stored = match (version, slot.shape) {
+                (1, Shape::Bucket { .. }) => bucket::WORDS - 1,
+                _ => slot.shape.words(),
+            };
+            for _ in 0..stored {
+                words.push(r.varint()?);
+            }
+            // Version 1 buckets had no refund mark: they start at mark 0.
+            words.resize(words.len() + slot.shape.words() - stored, 0);
+        }
+        if version == 1 {
+            return Ok(merge_v1_budgets(layout, words, updated_ms, interner));
+        }
+        Ok((updated_ms, interner.intern(layout), words))
+    }
+
+    /// Reads a subject of encoding `version` written by [`Subject::encode`], refusing
+    /// anything a command could not have made.
     pub fn decode(
         input: &[u8],
         interner: &mut LayoutInterner,
-        max_requests: usize,
+        version: u8,
     ) -> Result<Subject, DecodeError> {
+        if version == 0 || version > ENCODING_VERSION {
+            return bad(format!("unknown subject encoding version {version}"));
+        }
         let mut r = Reader::new(input);
-        let (updated_ms, layout, words) = Subject::decode_limits(&mut r, interner)?;
+        let (updated_ms, layout, words) = Subject::decode_limits(&mut r, interner, version)?;
         let extra = match r.u8()? {
             0 => None,
             1 => {
@@ -321,12 +386,31 @@ impl Subject {
                 };
                 let next_seq = r.varint()?;
                 let keep_until = r.varint()?;
-                let requests = Requests::decode(&mut r, max_requests)?;
+                if next_seq > MAX_SEQ || keep_until > MAX_EXPIRY_MS {
+                    return bad("sequence or keep-alive instant out of range");
+                }
+                let requests = Requests::decode(&mut r, version)?;
+                let mut ended = VecDeque::new();
+                if version > 1 {
+                    for _ in 0..r.count(ENDED_KEPT)? {
+                        let id = r.bytes()?;
+                        if id.is_empty() || id.len() > MAX_ID_LEN {
+                            return bad("ended request id length out of range");
+                        }
+                        let how = match r.u8()? {
+                            1 => Ended::Released,
+                            2 => Ended::Expired,
+                            t => return bad(format!("bad ended tag {t}")),
+                        };
+                        ended.push_back((Box::from(id), how));
+                    }
+                }
                 Some(Box::new(Extra {
                     assigned,
                     requests,
                     next_seq,
                     keep_until,
+                    ended,
                 }))
             }
             t => return bad(format!("bad extra tag {t}")),
@@ -405,11 +489,122 @@ impl Subject {
                 bytes += 2 * (id.len() + 48)
                     + std::mem::size_of::<Request>()
                     + request.leases.len() * 16
-                    + request.charges.len() * std::mem::size_of::<crate::requests::Charge>();
+                    + request.charges.len() * std::mem::size_of::<crate::requests::Charge>()
+                    + request.links.iter().map(|l| l.len() + 16).sum::<usize>();
             }
+            bytes += extra
+                .ended
+                .iter()
+                .map(|(id, _)| id.len() + 32)
+                .sum::<usize>();
         }
         bytes
     }
+}
+
+/// Takes one off each concurrency count of `words` (of `layout`) the request held a
+/// lease in.
+pub fn free_leases(layout: &Layout, words: &mut [u64], request: &Request) {
+    for lease in &request.leases {
+        if let Some(count) = layout
+            .lease_slot(lease)
+            .and_then(|i| words.get_mut(layout.range(i)))
+            .and_then(|w| w.first_mut())
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// The rate the plan's limit of budget `name`/`unit` drains at (1 if it is no bucket).
+fn plan_rate(plan: &Plan, name: &str, unit: &str) -> u64 {
+    plan.limits
+        .iter()
+        .find(|l| &*l.name == name && &*l.spec.unit == unit)
+        .and_then(|l| match l.spec.rule {
+            crate::spec::Rule::Bucket { rate, .. } => Some(rate),
+            _ => None,
+        })
+        .unwrap_or(1)
+}
+
+/// The instant a slot of `shape` (words normalized to `updated`) holds no usage from;
+/// `None` if it holds none. Leases are not counted here: their requests' expiry is.
+fn slot_idle_at(shape: Shape, words: &[u64], updated: u64) -> Option<u64> {
+    match shape {
+        Shape::Fixed { window } => fixed::idle_at(words, window, updated),
+        Shape::Sliding {
+            window_ms,
+            precision,
+        } => Slices {
+            window_ms,
+            precision,
+        }
+        .idle_at(words, updated),
+        Shape::Bucket { .. } => Bucket::idle_at(words),
+        Shape::Concurrency => None,
+    }
+}
+
+/// Whether a slot still holds usage at `now` (a refilled bucket keeps non-zero words
+/// but holds none).
+fn slot_busy(shape: Shape, words: &[u64], now: u64) -> bool {
+    match shape {
+        Shape::Concurrency => words.first().is_some_and(|&n| n > 0),
+        _ => slot_idle_at(shape, words, now).is_some_and(|at| at > now),
+    }
+}
+
+/// Version 1 let one budget live in several shapes (parallel counters): the first
+/// keeps its shape and takes the others' usage, converted conservatively.
+fn merge_v1_budgets(
+    layout: Layout,
+    words: Words,
+    updated: u64,
+    interner: &mut LayoutInterner,
+) -> (u64, Arc<Layout>, Words) {
+    let slots = layout.slots();
+    let mut kept: Vec<usize> = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let first = kept.iter().any(|&k| {
+            slots
+                .get(k)
+                .is_some_and(|s| s.is_budget(&slot.name, &slot.unit))
+        });
+        if !first {
+            kept.push(i);
+        }
+    }
+    if kept.len() == slots.len() {
+        return (updated, interner.intern(layout), words);
+    }
+    let merged = Layout::new(kept.iter().filter_map(|&i| slots.get(i).cloned()).collect());
+    let mut merged_words: Words = smallvec::smallvec![0; merged.words()];
+    for (n, &i) in kept.iter().enumerate() {
+        if let (Some(src), Some(dst)) = (
+            words.get(layout.range(i)),
+            merged_words.get_mut(merged.range(n)),
+        ) {
+            dst.copy_from_slice(src);
+        }
+    }
+    for (i, slot) in slots.iter().enumerate() {
+        if kept.contains(&i) {
+            continue;
+        }
+        let Some(n) = merged.find_budget(&slot.name, &slot.unit) else {
+            continue;
+        };
+        let from = words.get(layout.range(i)).unwrap_or(&[]);
+        let units = used_units(slot.shape, from, updated, updated);
+        if let (Some(to), Some(to_slot)) =
+            (merged_words.get_mut(merged.range(n)), merged.slots().get(n))
+        {
+            let rate = bucket::stored_rate(to);
+            add_units(to_slot.shape, rate, to, updated, units);
+        }
+    }
+    (updated, interner.intern(merged), merged_words)
 }
 
 #[cfg(test)]
@@ -424,8 +619,16 @@ mod tests {
         plans.get("p").cloned().unwrap_or_else(|| unreachable!())
     }
 
+    fn relayout(s: &mut Subject, p: &Plan, interner: &mut LayoutInterner) {
+        let (layout, words) = s
+            .layout_for(p, &s.words, s.updated_ms, interner)
+            .unwrap_or_else(|_| unreachable!());
+        s.layout = layout;
+        s.words = words;
+    }
+
     #[test]
-    fn relayout_carries_matching_slots_and_keeps_busy_foreign_ones() {
+    fn relayout_carries_each_budget_and_keeps_busy_foreign_ones() {
         let mut interner = LayoutInterner::new();
         let a = plan(
             &[("rpm", "fixed 10/1m"), ("daily", "fixed 100/1d")],
@@ -442,22 +645,59 @@ mod tests {
             ],
             &mut interner,
         );
-        assert!(s.relayout_for(&b, &mut interner));
+        relayout(&mut s, &b, &mut interner);
         let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
-        // b's slots first; a's busy 1-minute `rpm` is kept beside b's 1-second one.
-        assert_eq!(names, ["rpm", "daily", "tpm", "rpm"]);
-        assert_eq!(&s.words[..2], &[0, 7]);
-        assert_eq!(s.words.last(), Some(&3));
-        assert!(s.holds_all_of(&b));
-        // Back to plan a: its `rpm` finds its usage again; b's idle `rpm` goes and
-        // b's busy bucket stays.
-        s.slot_words_mut(2).copy_from_slice(&[1_000, 5, 0, 1]);
-        assert!(s.relayout_for(&a, &mut interner));
-        let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
+        // One budget, one slot: `rpm`'s 3 carry into the 1-second window.
         assert_eq!(names, ["rpm", "daily", "tpm"]);
         assert_eq!(&s.words[..2], &[3, 7]);
-        assert!(s.holds_all_of(&a));
-        assert!(!s.holds_all_of(&b));
+        assert!(s.holds_all_of(&b));
+        // A foreign busy budget (another unit) stays beside the plan's.
+        let c = plan(&[("rpm", "fixed 10 token/1s")], &mut interner);
+        s.slot_words_mut(2)
+            .copy_from_slice(&[1_000, 5_000, 0, 5, 0]);
+        relayout(&mut s, &c, &mut interner);
+        let names: Vec<(&str, &str)> = s
+            .layout
+            .slots()
+            .iter()
+            .map(|s| (&*s.name, &*s.unit))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("rpm", "token"),
+                ("rpm", "request"),
+                ("daily", "request"),
+                ("tpm", "token")
+            ]
+        );
+        assert!(s.holds_all_of(&c));
+        assert!(!s.holds_all_of(&a));
+    }
+
+    #[test]
+    fn a_changed_shape_carries_usage_conservatively() {
+        let mut interner = LayoutInterner::new();
+        let sliding = plan(&[("rpm", "sliding 10/1m precision 6")], &mut interner);
+        let t0 = 6_000_000;
+        let mut s = Subject::new(Arc::clone(&sliding.layout), t0);
+        Slices {
+            window_ms: 60_000,
+            precision: 6,
+        }
+        .charge(s.slot_words_mut(0), t0, 4);
+        s.normalize(t0 + 25_000);
+        let bucket = plan(&[("rpm", "bucket 10/1m")], &mut interner);
+        relayout(&mut s, &bucket, &mut interner);
+        // The 4 used become 4 units of debt charged now: 6 left, full in 24 s.
+        let b = Bucket {
+            rate: 10,
+            window_ms: 60_000,
+            burst: 10,
+        };
+        let debt = b.debt_at(s.slot_words(0), t0 + 25_000);
+        assert_eq!(b.remaining(debt), 6);
+        assert_eq!(b.reset_ms(debt), 24_000);
     }
 
     #[test]
@@ -470,103 +710,131 @@ mod tests {
         s.extra_mut().requests.insert(
             b"r",
             Request {
-                expires_at: 10,
+                expires_at: 10_000,
                 plan: Arc::from("p"),
                 leases: vec![Arc::from("jobs")],
                 charges: vec![],
+                links: vec![],
             },
         );
-        // A plan with a `jobs` limit of another kind keeps the lease's slot...
-        assert!(s.relayout_for(&b, &mut interner));
+        relayout(&mut s, &b, &mut interner);
+        // `jobs` in requests and `jobs` in leases are two budgets: both kept.
         assert_eq!(s.layout.len(), 2);
-        assert_eq!(
-            s.layout.lease_slot("jobs").map(|i| s.slot_words(i)),
-            Some(&[1][..])
-        );
-        // ...and the lease frees where it was counted.
-        assert_eq!(s.purge_expired(10), 1);
-        assert_eq!(
-            s.layout.lease_slot("jobs").map(|i| s.slot_words(i)),
-            Some(&[0][..])
-        );
-        assert!(!s.repair());
+        assert_eq!(s.layout.lease_slot("jobs"), Some(1));
+        assert_eq!(s.slot_words(1), &[1]);
     }
 
     #[test]
-    fn relayout_past_the_slot_cap_is_refused_and_changes_nothing() {
+    fn too_many_slots_are_refused_and_change_nothing() {
         let mut interner = LayoutInterner::new();
-        let mut s = Subject::new(Arc::new(Layout::empty()), 0);
+        let mut s = Subject::new(interner.intern(Layout::empty()), 0);
         for i in 0..crate::layout::MAX_SLOTS {
-            let p = plan(&[(&*format!("l{i}"), "fixed 5/1m")], &mut interner);
-            assert!(s.relayout_for(&p, &mut interner));
-            if let Some(w) = s.layout.find(&p.layout.slots()[0]) {
-                s.slot_words_mut(w)[0] = 1;
-            }
+            let name = format!("c{i}");
+            let p = plan(&[(&name, "concurrency 5")], &mut interner);
+            relayout(&mut s, &p, &mut interner);
+            let slot = s.layout.lease_slot(&name).unwrap_or_else(|| unreachable!());
+            s.slot_words_mut(slot)[0] = 1;
         }
-        assert_eq!(s.layout.len(), crate::layout::MAX_SLOTS);
+        let p = plan(&[("one-more", "concurrency 5")], &mut interner);
         let before = s.clone();
-        let p = plan(&[("one_more", "fixed 5/1m")], &mut interner);
-        assert!(!s.relayout_for(&p, &mut interner));
+        assert_eq!(
+            s.layout_for(&p, &s.words, 0, &mut interner).map(|_| ()),
+            Err(TooManySlots)
+        );
         assert_eq!(s, before);
     }
 
-    #[test]
-    fn expiry_is_the_latest_idle_instant() {
-        let mut interner = LayoutInterner::new();
+    fn sample(interner: &mut LayoutInterner) -> Subject {
         let p = plan(
-            &[("rpm", "fixed 10/1m"), ("tpm", "bucket 1 token/1s")],
-            &mut interner,
+            &[
+                ("rpm", "sliding 10/1m precision 6"),
+                ("day", "fixed 100/1d"),
+                ("tpm", "bucket 5 token/1s"),
+                ("jobs", "concurrency 2"),
+            ],
+            interner,
         );
-        let mut s = Subject::new(Arc::clone(&p.layout), 30_000);
-        assert_eq!(s.expiry(), Expiry::Idle);
-        s.words[0] = 1;
-        assert_eq!(s.expiry(), Expiry::At(60_000));
-        s.slot_words_mut(1).copy_from_slice(&[30_000, 90_000, 0, 1]); // 90 units of 1/s
-        assert_eq!(s.expiry(), Expiry::At(120_000));
-        s.extra_mut().assigned = Some("p".into());
-        assert_eq!(s.expiry(), Expiry::Never);
+        let mut s = Subject::new(Arc::clone(&p.layout), 60_000);
+        s.words[0] = 2;
+        s.slot_words_mut(3)[0] = 1;
+        let extra = s.extra_mut();
+        extra.assigned = Some("gold".into());
+        extra.next_seq = 9;
+        extra.requests.insert(
+            b"r1",
+            Request {
+                expires_at: 70_000,
+                plan: Arc::from("p"),
+                leases: vec![Arc::from("jobs")],
+                charges: vec![Charge {
+                    slot: p.layout.slots()[1].clone(),
+                    amount: 3,
+                    marker: 0,
+                    mark: 0,
+                }],
+                links: vec![Box::from(&b"{o}:team"[..])],
+            },
+        );
+        extra.record_end(b"r0", Ended::Released);
+        s
     }
 
     #[test]
-    fn subjects_round_trip_and_reject_every_truncation() {
+    fn subjects_round_trip_and_reject_truncation_and_trailing_bytes() {
+        let mut interner = LayoutInterner::new();
+        let s = sample(&mut interner);
+        let mut w = Writer::new();
+        s.encode(&mut w);
+        let buf = w.into_inner();
+        let back = Subject::decode(&buf, &mut interner, ENCODING_VERSION);
+        assert_eq!(back.as_ref(), Ok(&s));
+        for cut in 0..buf.len() {
+            assert!(Subject::decode(&buf[..cut], &mut interner, ENCODING_VERSION).is_err());
+        }
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(Subject::decode(&longer, &mut interner, ENCODING_VERSION).is_err());
+        assert!(Subject::decode(&buf, &mut interner, 3).is_err());
+    }
+
+    #[test]
+    fn out_of_range_instants_and_sequences_are_refused() {
+        let mut interner = LayoutInterner::new();
+        let encode = |s: &Subject| {
+            let mut w = Writer::new();
+            s.encode(&mut w);
+            w.into_inner()
+        };
+        let mut late = sample(&mut interner);
+        late.updated_ms = u64::MAX - 5;
+        assert!(Subject::decode(&encode(&late), &mut interner, ENCODING_VERSION).is_err());
+        let mut seq = sample(&mut interner);
+        seq.extra_mut().next_seq = u64::MAX;
+        assert!(Subject::decode(&encode(&seq), &mut interner, ENCODING_VERSION).is_err());
+        let mut far = sample(&mut interner);
+        far.extra_mut().requests.set_expiry(b"r1", u64::MAX);
+        assert!(Subject::decode(&encode(&far), &mut interner, ENCODING_VERSION).is_err());
+    }
+
+    #[test]
+    fn loading_repairs_inconsistent_lease_counts() {
         let mut interner = LayoutInterner::new();
         let p = plan(
-            &[
-                ("rpm", "sliding 10/1m precision 4"),
-                ("jobs", "concurrency 2"),
-            ],
+            &[("rpm", "fixed 5/1m"), ("jobs", "concurrency 3")],
             &mut interner,
         );
-        let mut s = Subject::new(Arc::clone(&p.layout), 123);
-        s.words[0] = 4;
-        s.slot_words_mut(1)[0] = 1;
-        let extra = s.extra_mut();
-        extra.next_seq = 9;
-        extra.assigned = Some("p".into());
-        extra.requests.insert(
+        let mut damaged = Subject::new(Arc::clone(&p.layout), 0);
+        damaged.words.copy_from_slice(&[1, 3]);
+        damaged.extra_mut().requests.insert(
             b"r1",
             Request {
                 expires_at: 500,
                 plan: Arc::from("p"),
                 leases: vec![Arc::from("jobs")],
-                charges: vec![Charge {
-                    slot: p.layout.slots()[0].clone(),
-                    amount: 1,
-                    marker: 3,
-                }],
+                charges: vec![],
+                links: vec![],
             },
         );
-        let mut w = Writer::new();
-        s.encode(&mut w);
-        let buf = w.into_inner();
-        assert_eq!(Subject::decode(&buf, &mut interner, 100).as_ref(), Ok(&s));
-        for cut in 0..buf.len() {
-            assert!(Subject::decode(&buf[..cut], &mut interner, 100).is_err());
-        }
-        // A lease count that disagrees with the requests, or a lease in a slot that
-        // is not a concurrency limit, is repaired rather than failing the load.
-        let mut damaged = s.clone();
-        damaged.slot_words_mut(1)[0] = 2;
         damaged.extra_mut().requests.insert(
             b"r2",
             Request {
@@ -574,11 +842,12 @@ mod tests {
                 plan: Arc::from("p"),
                 leases: vec![Arc::from("rpm"), Arc::from("gone")],
                 charges: vec![],
+                links: vec![],
             },
         );
         let mut w = Writer::new();
         damaged.encode(&mut w);
-        let loaded = Subject::decode(&w.into_inner(), &mut interner, 100);
+        let loaded = Subject::decode(&w.into_inner(), &mut interner, ENCODING_VERSION);
         assert_eq!(loaded.as_ref().map(|l| l.slot_words(1)), Ok(&[1][..]));
         let leases = loaded.ok().and_then(|l| {
             l.requests()
@@ -596,7 +865,7 @@ mod tests {
     }
 
     #[test]
-    fn purging_frees_leases() {
+    fn purging_frees_leases_and_remembers_the_expiry() {
         let mut interner = LayoutInterner::new();
         let p = plan(&[("jobs", "concurrency 2")], &mut interner);
         let mut s = Subject::new(Arc::clone(&p.layout), 0);
@@ -608,12 +877,17 @@ mod tests {
                 plan: Arc::from("p"),
                 leases: vec![Arc::from("jobs")],
                 charges: vec![],
+                links: vec![],
             },
         );
         assert_eq!(s.purge_expired(9), 0);
         assert_eq!(s.purge_expired(10), 1);
         assert_eq!(s.words[0], 0);
-        s.tidy();
-        assert!(s.extra.is_none());
+        assert_eq!(s.ended(b"a"), Some(Ended::Expired));
+        for i in 0..ENDED_KEPT {
+            s.extra_mut()
+                .record_end(format!("x{i}").as_bytes(), Ended::Released);
+        }
+        assert_eq!(s.ended(b"a"), None, "only the last {ENDED_KEPT} are kept");
     }
 }

@@ -20,6 +20,11 @@ pub const MAX_WINDOW_MS: u64 = 3_650 * MS_PER_DAY;
 /// The longest calendar window: ten years of months.
 pub const MAX_WINDOW_MONTHS: u32 = 120;
 
+/// The latest instant the module accepts or stores (9999-12-31T23:59:59.999Z). Every
+/// stored instant is at most this, so adding any window, TTL or idempotency period
+/// (each at most [`MAX_WINDOW_MS`]) to one never overflows.
+pub const MAX_INSTANT_MS: u64 = 253_402_300_799_999;
+
 /// The epoch (1970-01-01) was a Thursday; the first Monday is four days later.
 const FIRST_MONDAY_MS: u64 = 4 * MS_PER_DAY;
 

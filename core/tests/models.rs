@@ -249,9 +249,8 @@ proptest! {
                     if held.is_empty() { continue; }
                     let i = i % held.len();
                     let live = held[i].1 > now;
-                    let subject = h.subject.as_mut().unwrap();
-                    let touched = tollgate_core::decide::touch(subject, held[i].0.as_bytes(), extend, now);
-                    prop_assert_eq!(touched.is_some(), live);
+                    let touched = h.touch(&held[i].0, extend);
+                    prop_assert_eq!(touched, live);
                     if live {
                         held[i].1 = now + extend;
                     }

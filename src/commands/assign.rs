@@ -1,13 +1,13 @@
 //! `RL.ASSIGN` / `RL.UNASSIGN`: the plan a subject's `*` resolves to, kept with the
 //! subject (an assigned subject keeps its key until unassigned).
 
-use tollgate_core::layout::Layout;
+use tollgate_core::change::Change;
 use tollgate_core::subject::Subject;
 
 use crate::args::{Args, CmdError, CmdResult};
 use crate::server::Ctx;
 use crate::state::STATE;
-use crate::store::{open_subject, subject_in, subject_or_new, write_back, Change};
+use crate::store::{open, write_subject};
 
 fn busy(e: &str) -> CmdError {
     CmdError::err(e)
@@ -20,8 +20,8 @@ pub fn assign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     }
     let name = args.raw(1).ok_or(CmdError::WrongArity)?;
     if args.len() == 2 {
-        let key = open_subject(ctx, name, false)?;
-        match subject_in(&key).and_then(|s| s.assigned()) {
+        let key = open::<Subject>(ctx, name, false)?;
+        match key.value::<Subject>().and_then(Subject::assigned) {
             Some(plan) => ctx.reply_bulk(plan.as_bytes()),
             None => ctx.reply_null(),
         }
@@ -33,25 +33,17 @@ pub fn assign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             if state.plans.get(plan).is_none() {
                 return Err(CmdError::err(format_args!("unknown plan '{plan}'")));
             }
-            let key = open_subject(ctx, name, true)?;
-            let mut fresh: Option<Box<Subject>> = None;
-            let interner = &mut state.interner;
-            let subject = subject_or_new(
-                &key,
-                &mut fresh,
-                || interner.intern(Layout::empty()),
-                ctx.now_ms(),
-            );
-            subject.extra_mut().assigned = Some(plan.into());
-            write_back(
+            let mut key = open::<Subject>(ctx, name, true)?;
+            let change = Change {
+                assign: Some(Some(plan.into())),
+                ..Change::default()
+            };
+            write_subject(
                 ctx,
-                &key,
+                &mut key,
                 name,
-                fresh,
-                Change {
-                    assign: true,
-                    ..Change::default()
-                },
+                change,
+                ctx.now_ms(),
                 &mut state.payload,
             )?;
             ctx.reply_simple(c"OK");
@@ -68,27 +60,25 @@ pub fn unassign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let name = args.raw(1).ok_or(CmdError::WrongArity)?;
     STATE
         .with(|state| {
-            let key = open_subject(ctx, name, true)?;
-            let removed = match subject_in(&key) {
-                Some(subject) if subject.assigned().is_some() => {
-                    subject.extra_mut().assigned = None;
-                    subject.tidy();
-                    write_back(
-                        ctx,
-                        &key,
-                        name,
-                        None,
-                        Change {
-                            assign: true,
-                            ..Change::default()
-                        },
-                        &mut state.payload,
-                    )?;
-                    true
-                }
-                _ => false,
-            };
-            ctx.reply_integer(i64::from(removed));
+            let mut key = open::<Subject>(ctx, name, true)?;
+            let assigned = key
+                .value::<Subject>()
+                .is_some_and(|s| s.assigned().is_some());
+            if assigned {
+                let change = Change {
+                    assign: Some(None),
+                    ..Change::default()
+                };
+                write_subject(
+                    ctx,
+                    &mut key,
+                    name,
+                    change,
+                    ctx.now_ms(),
+                    &mut state.payload,
+                )?;
+            }
+            ctx.reply_integer(i64::from(assigned));
             Ok(())
         })
         .map_err(busy)?

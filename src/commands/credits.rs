@@ -8,7 +8,7 @@ use crate::args::{printable, Args, CmdError, CmdResult};
 use crate::reply::clamp;
 use crate::server::{Ctx, RawString};
 use crate::state::STATE;
-use crate::store::{credits_in, open_credits, write_back_credits};
+use crate::store::{open, write_credits};
 
 fn busy(e: &str) -> CmdError {
     CmdError::err(e)
@@ -38,16 +38,16 @@ fn write<R>(
     name: RawString,
     f: impl FnOnce(&mut Credits, u64, &mut Touched) -> Result<R, CmdError>,
 ) -> Result<R, CmdError> {
-    let key = open_credits(ctx, name, true)?;
+    let mut key = open::<Credits>(ctx, name, true)?;
     let mut touched = Touched::default();
     let clock = ctx.now_ms();
     let mut fresh: Option<Box<Credits>> = None;
-    let result = match credits_in(&key) {
+    let result = match key.value_mut::<Credits>() {
         Some(credits) => f(credits, clock, &mut touched)?,
         None => f(fresh.insert(Box::new(Credits::new())), clock, &mut touched)?,
     };
     STATE
-        .with(|s| write_back_credits(ctx, &key, name, fresh, &touched, &mut s.payload))
+        .with(|s| write_credits(ctx, &mut key, name, fresh, &touched, &mut s.payload))
         .map_err(busy)??;
     if touched != Touched::default() {
         // A grant or refund may let a waiting acquire go ahead.
@@ -136,7 +136,9 @@ pub fn deduct(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     }
     let settings = crate::config::credit_settings();
     let (deducted, balance) = write(ctx, name, |credits, clock, touched| {
-        Ok(credits.deduct(amount, partial, id, clock, &settings, touched))
+        credits
+            .deduct(amount, partial, id, clock, &settings, touched)
+            .map_err(credits_error)
     })?;
     ctx.reply_array(2);
     ctx.reply_integer(clamp(deducted));
@@ -188,9 +190,11 @@ pub fn balance(ctx: &Ctx, args: Args<'_>) -> CmdResult {
         _ => return Err(CmdError::WrongArity),
     };
     let name = args.raw(1).ok_or(CmdError::WrongArity)?;
-    let key = open_credits(ctx, name, false)?;
+    let key = open::<Credits>(ctx, name, false)?;
     let clock = ctx.now_ms();
-    let balance = credits_in(&key).map_or(0, |c| c.balance(c.effective_now(clock)));
+    let balance = key
+        .value::<Credits>()
+        .map_or(0, |c| c.balance(c.effective_now(clock)));
     match min {
         Some(min) => ctx.reply_integer(i64::from(balance >= min)),
         None => ctx.reply_integer(clamp(balance)),
@@ -204,9 +208,9 @@ pub fn blocks(ctx: &Ctx, args: Args<'_>) -> CmdResult {
         return Err(CmdError::WrongArity);
     }
     let name = args.raw(1).ok_or(CmdError::WrongArity)?;
-    let key = open_credits(ctx, name, false)?;
+    let key = open::<Credits>(ctx, name, false)?;
     let clock = ctx.now_ms();
-    let Some(credits) = credits_in(&key) else {
+    let Some(credits) = key.value::<Credits>() else {
         ctx.reply_array(0);
         return Ok(());
     };

@@ -14,11 +14,10 @@ use redis_module::raw;
 use crate::args::{Args, CmdError, CmdResult};
 use crate::server::{api, Ctx, RawString};
 
+pub mod acquire;
 pub mod apply;
 pub mod assign;
 pub mod credits;
-pub mod limits;
-pub mod parse;
 pub mod plans;
 pub mod requests;
 
@@ -40,16 +39,6 @@ pub fn run(
         Ok(n) if !argv.is_null() => unsafe { std::slice::from_raw_parts(argv, n) },
         _ => &[],
     };
-    if ctx.is_keys_position_request() {
-        // Cluster routing asks where the keys are (commands flagged `getkeys-api`).
-        let _ = catch_unwind(AssertUnwindSafe(|| {
-            ctx.key_at(1);
-            if let Some(i) = parse::credits_key_position(&Args::new(argv)) {
-                ctx.key_at(i);
-            }
-        }));
-        return raw::REDISMODULE_OK as c_int;
-    }
     match catch_unwind(AssertUnwindSafe(|| handler(&ctx, Args::new(argv)))) {
         Ok(Ok(())) => {}
         Ok(Err(CmdError::WrongArity)) => ctx.reply_wrong_arity(),
@@ -75,9 +64,10 @@ macro_rules! entry {
     };
 }
 
-entry!(acquire_entry => limits::acquire);
-entry!(peek_entry => limits::peek);
-entry!(throttle_entry => limits::throttle);
+entry!(acquire_entry => acquire::acquire);
+entry!(peek_entry => acquire::peek);
+entry!(usage_entry => acquire::usage);
+entry!(throttle_entry => acquire::throttle);
 entry!(plan_set_entry => plans::set);
 entry!(plan_get_entry => plans::get);
 entry!(plan_del_entry => plans::del);
@@ -101,11 +91,20 @@ entry!(revoke_entry => credits::revoke);
 pub enum Keys {
     /// Keyless (plan commands): any node of a cluster answers.
     None,
-    /// The first argument.
+    /// The first argument. (`RL.ACQUIRE`/`RL.PEEK` may name more keys — `ALSO` pairs
+    /// and a `CREDITS` key — in the first key's slot: they are not declared, so every
+    /// cluster client routes the call by its first key in one round trip, and the
+    /// module checks them itself; see `crate::cluster`.)
     First,
-    /// The first argument, and the argument after the `CREDITS` keyword if present
-    /// (both must be in one cluster slot: use a hash tag).
-    FirstAndCredits,
+}
+
+/// Who may run a command, for ACL categories (on servers that support them).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Application clients: deciding, settling, reading.
+    App,
+    /// Administrators: plans, grants and revocations, internal replication.
+    Admin,
 }
 
 type Entry = unsafe extern "C" fn(*mut raw::RedisModuleCtx, *mut RawString, c_int) -> c_int;
@@ -119,207 +118,132 @@ pub struct Command {
     pub keys: Keys,
     /// Argument count, Redis-style: exact if positive, a minimum if negative.
     pub arity: c_int,
+    pub audience: Audience,
     pub summary: &'static CStr,
     pub complexity: &'static CStr,
 }
 
+/// One row of the command table.
+#[allow(clippy::too_many_arguments)]
+const fn command(
+    name: &'static str,
+    entry: Entry,
+    flags: &'static str,
+    keys: Keys,
+    arity: c_int,
+    audience: Audience,
+    summary: &'static CStr,
+    complexity: &'static CStr,
+) -> Command {
+    Command {
+        name,
+        entry,
+        flags,
+        keys,
+        arity,
+        audience,
+        summary,
+        complexity,
+    }
+}
+
+use Audience::{Admin, App};
+use Keys::{First, None as Keyless};
+
+// Flags: state-freeing commands (release, touch, refund, revoke, unassign, plan
+// deletion) carry no `deny-oom`, so leases can be returned under `maxmemory`.
 pub const COMMANDS: &[Command] = &[
-    Command {
-        name: "rl.acquire",
-        entry: acquire_entry,
-        flags: "write deny-oom getkeys-api",
-        keys: Keys::FirstAndCredits,
-        arity: -3,
-        summary: c"Admit and charge a call if every limit of the plan admits it.",
-        complexity: c"O(L) for the L limits of the plan (and its fallbacks)",
-    },
-    Command {
-        name: "rl.peek",
-        entry: peek_entry,
-        flags: "readonly fast",
-        keys: Keys::First,
-        arity: -3,
-        summary: c"Answer what RL.ACQUIRE would, without charging anything.",
-        complexity: c"O(L) for the L limits of the plan",
-    },
-    Command {
-        name: "rl.throttle",
-        entry: throttle_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: -5,
-        summary: c"GCRA throttle with redis-cell's CL.THROTTLE arguments and reply.",
-        complexity: c"O(1)",
-    },
-    Command {
-        name: "rl.release",
-        entry: release_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: -3,
-        summary: c"End a request: free its lease and settle its reservation with actual costs.",
-        complexity: c"O(L + log R) for the L limits charged and the R requests in flight",
-    },
-    Command {
-        name: "rl.touch",
-        entry: touch_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: 4,
-        summary: c"Extend a live lease or reservation (a heartbeat for long jobs).",
-        complexity: c"O(L + log R) for the L limits and the R requests in flight",
-    },
-    Command {
-        name: "rl.plan.set",
-        entry: plan_set_entry,
-        flags: "write deny-oom",
-        keys: Keys::None,
-        arity: -4,
-        summary: c"Set limits of a plan (validated as a whole).",
-        complexity: c"O(L) for the L limits of the plan",
-    },
-    Command {
-        name: "rl.plan.get",
-        entry: plan_get_entry,
-        flags: "readonly fast",
-        keys: Keys::None,
-        arity: 2,
-        summary: c"Get the fields of a plan, like HGETALL.",
-        complexity: c"O(L) for the L limits of the plan",
-    },
-    Command {
-        name: "rl.plan.del",
-        entry: plan_del_entry,
-        flags: "write",
-        keys: Keys::None,
-        arity: -2,
-        summary: c"Delete a plan, or some of its fields.",
-        complexity: c"O(L) for the L limits of the plan",
-    },
-    Command {
-        name: "rl.plan.list",
-        entry: plan_list_entry,
-        flags: "readonly",
-        keys: Keys::None,
-        arity: 1,
-        summary: c"List plan names.",
-        complexity: c"O(P log P) for the P plans",
-    },
-    Command {
-        name: "rl.assign",
-        entry: assign_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: -2,
-        summary: c"Set (or, without a plan, show) the plan a subject's '*' resolves to.",
-        complexity: c"O(1)",
-    },
-    Command {
-        name: "rl.unassign",
-        entry: unassign_entry,
-        flags: "write fast",
-        keys: Keys::First,
-        arity: 2,
-        summary: c"Remove a subject's assigned plan.",
-        complexity: c"O(1)",
-    },
-    Command {
-        name: "rl.plan.default",
-        entry: plan_default_entry,
-        flags: "write deny-oom",
-        keys: Keys::None,
-        arity: -1,
-        summary: c"Set (or show) the default plan '*' resolves to when a subject has none assigned.",
-        complexity: c"O(1)",
-    },
-    Command {
-        name: "rl.credits.grant",
-        entry: grant_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: -3,
-        summary: c"Add a block of credits, optionally expiring; idempotent with ID.",
-        complexity: c"O(log B) for the B blocks of the key",
-    },
-    Command {
-        name: "rl.credits.deduct",
-        entry: deduct_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: -3,
-        summary: c"Take credits, earliest-expiring blocks first; all or nothing unless PARTIAL; idempotent with ID.",
-        complexity: c"O(K log B) for the K blocks it takes from",
-    },
-    Command {
-        name: "rl.credits.refund",
-        entry: refund_entry,
-        flags: "write deny-oom fast",
-        keys: Keys::First,
-        arity: 3,
-        summary: c"Return a deduction made with ID to the blocks it came from, once.",
-        complexity: c"O(K log B) for the K blocks it came from",
-    },
-    Command {
-        name: "rl.credits.balance",
-        entry: balance_entry,
-        flags: "readonly fast",
-        keys: Keys::First,
-        arity: -2,
-        summary: c"The live balance, or 1/0 whether it is at least MIN.",
-        complexity: c"O(1), plus O(E) for E expired blocks not yet dropped",
-    },
-    Command {
-        name: "rl.credits.blocks",
-        entry: blocks_entry,
-        flags: "readonly",
-        keys: Keys::First,
-        arity: 2,
-        summary: c"List the live blocks in consumption order.",
-        complexity: c"O(B) for the B blocks of the key",
-    },
-    Command {
-        name: "rl.credits.revoke",
-        entry: revoke_entry,
-        flags: "write fast",
-        keys: Keys::First,
-        arity: 3,
-        summary: c"Remove a block; returns what it still held.",
-        complexity: c"O(log B)",
-    },
-    Command {
-        name: "rl.plan.merge",
-        entry: plan_merge_entry,
-        flags: "write",
-        keys: Keys::None,
-        arity: 2,
-        summary: c"Internal: merge stamped plan changes (sent by primaries and the AOF).",
-        complexity: c"O(L) for the L limits of the plans changed",
-    },
-    Command {
-        name: "rl.apply",
-        entry: apply_entry,
-        flags: "write deny-oom",
-        keys: Keys::First,
-        arity: 3,
-        summary: c"Internal: apply replicated subject state (sent by primaries and the AOF).",
-        complexity: c"O(S) for the size S of the payload",
-    },
+    command("rl.acquire", acquire_entry, "write deny-oom", First, -3, App,
+        c"Admit and charge a call if every limit of its plans (and ALSO pairs) admits it.",
+        c"O(L) for the L limits of the call's plans (and their fallbacks)"),
+    command("rl.peek", peek_entry, "readonly fast", First, -3, App,
+        c"Answer what RL.ACQUIRE would, without charging anything.",
+        c"O(L) for the L limits of the call's plans"),
+    command("rl.usage", usage_entry, "readonly fast", First, -3, App,
+        c"How a subject stands under a plan now, charging and assuming nothing.",
+        c"O(L) for the L limits of the plan"),
+    command("rl.throttle", throttle_entry, "write deny-oom fast", First, -5, App,
+        c"GCRA throttle with redis-cell's CL.THROTTLE arguments and reply.",
+        c"O(1)"),
+    command("rl.release", release_entry, "write fast", First, -3, App,
+        c"End a request: free its leases and settle its reservation with actual costs.",
+        c"O(L + log R) for the L limits charged and the R requests in flight, per key"),
+    command("rl.touch", touch_entry, "write fast", First, 4, App,
+        c"Extend a live lease or reservation (a heartbeat for long jobs).",
+        c"O(log R) for the R requests in flight, per key"),
+    command("rl.plan.set", plan_set_entry, "write deny-oom", Keyless, -4, Admin,
+        c"Set limits of a plan (validated as a whole).",
+        c"O(L) for the L limits of the plan"),
+    command("rl.plan.get", plan_get_entry, "readonly fast", Keyless, 2, App,
+        c"Get the fields of a plan, like HGETALL.",
+        c"O(L) for the L limits of the plan"),
+    command("rl.plan.del", plan_del_entry, "write", Keyless, -2, Admin,
+        c"Delete a plan, or some of its fields.",
+        c"O(L) for the L limits of the plan"),
+    command("rl.plan.list", plan_list_entry, "readonly", Keyless, 1, App,
+        c"List plan names.",
+        c"O(P log P) for the P plans"),
+    command("rl.assign", assign_entry, "write deny-oom fast", First, -2, Admin,
+        c"Set (or, without a plan, show) the plan a subject's '*' resolves to.",
+        c"O(1)"),
+    command("rl.unassign", unassign_entry, "write fast", First, 2, Admin,
+        c"Remove a subject's assigned plan.",
+        c"O(1)"),
+    command("rl.plan.default", plan_default_entry, "write deny-oom", Keyless, -1, Admin,
+        c"Set (or show) the default plan '*' resolves to when a subject has none assigned.",
+        c"O(1)"),
+    command("rl.credits.grant", grant_entry, "write deny-oom fast", First, -3, Admin,
+        c"Add a block of credits, optionally expiring; idempotent with ID.",
+        c"O(log B) for the B blocks of the key"),
+    command("rl.credits.deduct", deduct_entry, "write deny-oom fast", First, -3, App,
+        c"Take credits, earliest-expiring blocks first; all or nothing unless PARTIAL; idempotent with ID.",
+        c"O(K log B) for the K blocks it takes from"),
+    command("rl.credits.refund", refund_entry, "write fast", First, 3, App,
+        c"Return a deduction made with ID to the blocks it came from, once.",
+        c"O(K log B) for the K blocks it came from"),
+    command("rl.credits.balance", balance_entry, "readonly fast", First, -2, App,
+        c"The live balance, or 1/0 whether it is at least MIN.",
+        c"O(1), plus O(E) for E expired blocks not yet dropped"),
+    command("rl.credits.blocks", blocks_entry, "readonly", First, 2, App,
+        c"List the live blocks in consumption order.",
+        c"O(B) for the B blocks of the key"),
+    command("rl.credits.revoke", revoke_entry, "write fast", First, 3, Admin,
+        c"Remove a block; returns what it still held.",
+        c"O(log B)"),
+    command("rl.plan.merge", plan_merge_entry, "write", Keyless, 2, Admin,
+        c"Internal: merge stamped plan changes (from the replication link and AOF loading only).",
+        c"O(L) for the L limits of the plans changed"),
+    command("rl.apply", apply_entry, "write", First, 3, Admin,
+        c"Internal: apply replicated state (from the replication link and AOF loading only).",
+        c"O(S) for the size S of the payload"),
 ];
 
 /// `CL.THROTTLE`, registered only when `cl-throttle-alias yes` is set at load.
-pub const CL_THROTTLE: Command = Command {
-    name: "cl.throttle",
-    entry: throttle_entry,
-    flags: "write deny-oom fast",
-    keys: Keys::First,
-    arity: -5,
-    summary: c"Alias of RL.THROTTLE (redis-cell's CL.THROTTLE).",
-    complexity: c"O(1)",
-};
+pub const CL_THROTTLE: Command = command(
+    "cl.throttle",
+    throttle_entry,
+    "write deny-oom fast",
+    First,
+    -5,
+    App,
+    c"Alias of RL.THROTTLE (redis-cell's CL.THROTTLE).",
+    c"O(1)",
+);
+
+/// The module's own ACL category, where the server can add one (Redis 7.4+).
+pub const ACL_CATEGORY: &CStr = c"ratelimit";
+
+/// Declares the module's ACL category, if the server supports module categories.
+/// Must run in `OnLoad`, before the commands are created.
+pub fn add_acl_category(ctx: *mut raw::RedisModuleCtx) -> bool {
+    api!(RedisModule_AddACLCategory(ctx, ACL_CATEGORY.as_ptr()) else raw::REDISMODULE_ERR as c_int)
+        == raw::REDISMODULE_OK as c_int
+}
 
 /// Registers every command; logs and fails on the first that cannot be created.
 pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
     let alias = crate::config::CL_THROTTLE_ALIAS.load(std::sync::atomic::Ordering::Relaxed);
+    let own_category = add_acl_category(ctx);
     for command in COMMANDS.iter().chain(alias.then_some(&CL_THROTTLE)) {
         let name = CString::new(command.name).map_err(|e| e.to_string())?;
         let flags = CString::new(command.flags).map_err(|e| e.to_string())?;
@@ -341,8 +265,33 @@ pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
             return Err(format!("cannot create command {}", command.name));
         }
         set_info(ctx, &name, command)?;
+        set_acl_categories(ctx, &name, command, own_category);
     }
     Ok(())
+}
+
+/// Puts `command` in ACL categories where the server supports it (Redis 7.2+,
+/// Valkey): the module's own `@ratelimit` (7.4+), and `@admin @dangerous` for plan,
+/// grant and internal commands, so `-@admin` keeps them from application users. On
+/// Redis 7.0 ACL rules name the commands instead (see docs/operating.md).
+fn set_acl_categories(ctx: *mut raw::RedisModuleCtx, name: &CStr, command: &Command, own: bool) {
+    let handle = api!(RedisModule_GetCommand(ctx, name.as_ptr()) else std::ptr::null_mut());
+    if handle.is_null() {
+        return;
+    }
+    let categories = match (command.audience, own) {
+        (Audience::Admin, true) => c"ratelimit admin dangerous",
+        (Audience::Admin, false) => c"admin dangerous",
+        (Audience::App, true) => c"ratelimit",
+        (Audience::App, false) => return,
+    };
+    let status = api!(RedisModule_SetCommandACLCategories(handle, categories.as_ptr()) else raw::REDISMODULE_ERR as c_int);
+    if status != raw::REDISMODULE_OK as c_int && crate::server::supports_acl_categories() {
+        crate::server::log_warning(&format!(
+            "cannot set the ACL categories of {}",
+            command.name
+        ));
+    }
 }
 
 /// Sets the summary, complexity and arity shown by `COMMAND DOCS` / `COMMAND INFO`.
@@ -411,26 +360,6 @@ fn key_specs(command: &Command) -> Vec<raw::RedisModuleCommandKeySpec> {
     first.bs.index = raw::RedisModuleCommandKeySpec__bindgen_ty_1__bindgen_ty_1 { pos: 1 };
     range(&mut first);
     specs.push(first);
-    if command.keys == Keys::FirstAndCredits {
-        let mut credits = zeroed();
-        credits.notes = c"The credits key of CREDITS credits-key amount.".as_ptr();
-        // INCOMPLETE: the keyword search would also match an `ENDPOINT credits` or an
-        // id spelled "credits"; Redis then asks the command (`getkeys-api`), which
-        // walks the grammar.
-        credits.flags = u64::from(
-            raw::REDISMODULE_CMD_KEY_RW
-                | raw::REDISMODULE_CMD_KEY_UPDATE
-                | raw::REDISMODULE_CMD_KEY_INCOMPLETE,
-        );
-        credits.begin_search_type =
-            raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_KEYWORD;
-        credits.bs.keyword = raw::RedisModuleCommandKeySpec__bindgen_ty_1__bindgen_ty_2 {
-            keyword: c"CREDITS".as_ptr(),
-            startfrom: 3,
-        };
-        range(&mut credits);
-        specs.push(credits);
-    }
     specs.push(zeroed());
     specs
 }

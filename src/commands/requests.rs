@@ -1,82 +1,127 @@
 //! `RL.RELEASE` and `RL.TOUCH`: ending and extending in-flight requests (leases and
-//! reservations), settling estimates against actual costs.
+//! reservations), settling estimates against actual costs — on the call's first key
+//! and on every key the same call charged (`ALSO`).
 
-use tollgate_core::decide;
+use tollgate_core::decide::{self, NotReleased, Part};
+use tollgate_core::limits::Admission;
+use tollgate_core::subject::Subject;
 
-use super::parse::parse_release;
 use crate::args::{Args, CmdError, CmdResult};
-use crate::reply::reply_limits;
-use crate::server::Ctx;
-use crate::state::{track_requests, State, STATE};
-use crate::store::{open_subject, requests_len, subject_in, write_back, Change};
+use crate::parse::parse_release;
+use crate::reply::{self, Released};
+use crate::server::{Ctx, HeldString, RawString};
+use crate::state::{State, STATE};
+use crate::store::{open, write_subject};
 
 fn busy(e: &str) -> CmdError {
     CmdError::err(e)
 }
 
-/// `RL.RELEASE key request-id [COST unit actual ...]` → `{released, plan, limits}`.
+/// What releasing a request on one key did.
+struct ReleasedOne {
+    /// Its plan and limits after settlement (`None` if the plan is gone).
+    part: Option<Part>,
+    plan: Box<str>,
+    /// The other keys the same call charged.
+    links: Vec<Box<[u8]>>,
+}
+
+/// Releases request `id` on key `name` with `actual` costs, or says why nothing was
+/// released.
+fn release_one(
+    ctx: &Ctx,
+    state: &mut State,
+    name: RawString,
+    id: &[u8],
+    actual: &[(&str, u64)],
+) -> Result<Result<ReleasedOne, NotReleased>, CmdError> {
+    let mut key = open::<Subject>(ctx, name, true)?;
+    let now = ctx.now_ms();
+    let settled = decide::settle(key.value::<Subject>(), id, actual, now);
+    let (settled, change) = match settled {
+        Ok(done) => done,
+        Err(why) => return Ok(Err(why)),
+    };
+    write_subject(ctx, &mut key, name, change, now, &mut state.payload)?;
+    ctx.signal_ready(name);
+    let part = state.plans.get(&settled.plan).map(|plan| Part {
+        plan: std::sync::Arc::clone(plan),
+        now: settled.now,
+        admission: Admission::Now,
+        denied_by: None,
+        admitted: true,
+        outcomes: decide::report(plan, key.value::<Subject>(), settled.now),
+    });
+    Ok(Ok(ReleasedOne {
+        part,
+        plan: settled.plan.as_ref().into(),
+        links: settled.links,
+    }))
+}
+
+/// `RL.RELEASE key request-id [COST unit actual ...]` → `{released, plan, limits[,
+/// also]}`, or `{released 0, reason}`.
 pub fn release(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let parsed = parse_release(&args)?;
+    let actual: Vec<(&str, u64)> = parsed.actual.pairs().collect();
     STATE
         .with(|state| {
-            let State {
-                plans,
-                stats,
-                outcomes,
-                payload,
-                ..
-            } = state;
-            let key = open_subject(ctx, parsed.key, true)?;
-            let Some(subject) = subject_in(&key) else {
-                stats.releases_unknown += 1;
-                return reply_unreleased(ctx);
-            };
-            let before = requests_len(Some(subject));
-            let had_requests = subject.requests().is_some();
-            let actual: Vec<(&str, u64)> = parsed.actual.pairs().collect();
-            let Some(settled) = decide::release(subject, parsed.id, &actual, ctx.now_ms()) else {
-                stats.releases_unknown += 1;
-                return reply_unreleased(ctx);
-            };
-            stats.releases += 1;
-            track_requests(before, requests_len(Some(subject)));
-            let plan = plans.get(&settled.plan).cloned();
-            if let Some(plan) = plan.as_deref() {
-                decide::report(plan, Some(subject), settled.now, outcomes);
-            } else {
-                outcomes.clear();
+            let ReleasedOne { part, plan, links } =
+                match release_one(ctx, state, parsed.key, parsed.id, &actual)? {
+                    Ok(done) => done,
+                    Err(why) => {
+                        state.stats.releases_unknown += 1;
+                        reply::not_released(ctx, why.as_str());
+                        return Ok(());
+                    }
+                };
+            state.stats.releases += 1;
+            let mut also = Vec::with_capacity(links.len());
+            for link in &links {
+                let held = HeldString::new(link).ok_or_else(|| CmdError::err("out of memory"))?;
+                let part = match release_one(ctx, state, held.raw(), parsed.id, &actual)? {
+                    Ok(one) => one.part,
+                    Err(_) => None,
+                };
+                also.push((link, part));
             }
-            let change = Change {
-                purged_at: had_requests.then_some(settled.now),
-                removed: Some(parsed.id),
-                ..Change::default()
-            };
-            write_back(ctx, &key, parsed.key, None, change, payload)?;
-            ctx.signal_ready(parsed.key);
-            ctx.reply_map(3);
-            ctx.reply_cstr(c"released");
-            ctx.reply_integer(1);
-            ctx.reply_cstr(c"plan");
-            ctx.reply_bulk(settled.plan.as_bytes());
-            ctx.reply_cstr(c"limits");
-            match plan {
-                Some(plan) => reply_limits(ctx, &plan, outcomes),
-                None => ctx.reply_array(0),
+            let also: Vec<Released<'_>> = also
+                .into_iter()
+                .map(|(key, part)| Released { key, part })
+                .collect();
+            match part {
+                Some(part) => reply::released(ctx, &part, &also),
+                None => reply::released_without_plan(ctx, &plan),
             }
             Ok(())
         })
         .map_err(busy)?
 }
 
-fn reply_unreleased(ctx: &Ctx) -> CmdResult {
-    ctx.reply_map(1);
-    ctx.reply_cstr(c"released");
-    ctx.reply_integer(0);
-    Ok(())
+/// Extends live request `id` on key `name`; returns its links if it was live.
+fn touch_one(
+    ctx: &Ctx,
+    state: &mut State,
+    name: RawString,
+    id: &[u8],
+    ttl: u64,
+) -> Result<Option<Vec<Box<[u8]>>>, CmdError> {
+    let mut key = open::<Subject>(ctx, name, true)?;
+    let now = ctx.now_ms();
+    let subject = key.value::<Subject>();
+    let links = subject
+        .and_then(|s| s.live_request(id, s.effective_now(now)))
+        .map(|r| r.links.clone());
+    let Ok((_, change)) = decide::touch(subject, id, ttl, now) else {
+        return Ok(None);
+    };
+    write_subject(ctx, &mut key, name, change, now, &mut state.payload)?;
+    Ok(links)
 }
 
-/// `RL.TOUCH key request-id ttl-ms` → 1 if the live request now expires `ttl-ms` from
-/// now, 0 if there is no such live request.
+/// `RL.TOUCH key request-id ttl-ms` → 1 if the live request (and those the same call
+/// made on its other keys) now expires `ttl-ms` from now, 0 if there is no such live
+/// request.
 pub fn touch(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     if args.len() != 4 {
         return Err(CmdError::WrongArity);
@@ -98,28 +143,16 @@ pub fn touch(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     }
     STATE
         .with(|state| {
-            let key = open_subject(ctx, name, true)?;
-            let touched = match subject_in(&key) {
-                Some(subject) => {
-                    let before = requests_len(Some(subject));
-                    let had_requests = subject.requests().is_some();
-                    let expires = decide::touch(subject, id, ttl, ctx.now_ms());
-                    if expires.is_some() {
-                        track_requests(before, requests_len(Some(subject)));
-                        let now = subject.updated_ms;
-                        let change = Change {
-                            purged_at: had_requests.then_some(now),
-                            put: Some(id),
-                            ..Change::default()
-                        };
-                        write_back(ctx, &key, name, None, change, &mut state.payload)?;
-                    }
-                    expires.is_some()
+            let links = touch_one(ctx, state, name, id, ttl)?;
+            if let Some(links) = &links {
+                for link in links {
+                    let held =
+                        HeldString::new(link).ok_or_else(|| CmdError::err("out of memory"))?;
+                    touch_one(ctx, state, held.raw(), id, ttl)?;
                 }
-                None => false,
-            };
-            state.stats.touches += u64::from(touched);
-            ctx.reply_integer(i64::from(touched));
+            }
+            state.stats.touches += u64::from(links.is_some());
+            ctx.reply_integer(i64::from(links.is_some()));
             Ok(())
         })
         .map_err(busy)?

@@ -259,14 +259,14 @@ fn a_changed_plan_applies_at_the_next_call_and_keeps_usage() {
     assert!(d.allowed());
     assert_eq!(d.remaining("rpm"), 57);
     assert_eq!(d.remaining("tpd"), 960);
-    // A new window length starts that limit afresh.
+    // A new window length carries the usage over: one limit name is one budget.
     int(
         &mut con,
         &["RL.PLAN.SET", "tier", "tpd", "fixed 1000 token/2d"],
     );
     assert_eq!(
         decision(&mut con, &["RL.PEEK", "u", "tier", "0"]).remaining("tpd"),
-        1000
+        960
     );
 }
 
@@ -307,7 +307,7 @@ fn bad_input_gets_one_clear_error_and_changes_nothing() {
         ),
         (
             vec!["RL.ACQUIRE", "u", "free", "-1"],
-            "ERR unexpected argument '-1' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY or CREDITS)",
+            "ERR unexpected argument '-1' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY, CREDITS, COMPACT or ALSO)",
         ),
         (
             vec!["RL.ACQUIRE", "u", "free", "18446744073709551616"],
@@ -364,11 +364,11 @@ fn bad_input_gets_one_clear_error_and_changes_nothing() {
         ),
         (
             vec!["RL.ACQUIRE", "u", "free", "BOGUS"],
-            "ERR unexpected argument 'BOGUS' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY or CREDITS)",
+            "ERR unexpected argument 'BOGUS' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY, CREDITS, COMPACT or ALSO)",
         ),
         (
             vec!["RL.PEEK", "u", "free", "ID", "x"],
-            "ERR unexpected argument 'ID' (expected COST or ENDPOINT)",
+            "ERR unexpected argument 'ID' (expected COST, ENDPOINT, COMPACT or ALSO)",
         ),
         (
             vec!["RL.ACQUIRE", "u", "*"],

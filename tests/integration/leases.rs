@@ -70,19 +70,25 @@ fn a_concurrency_limit_hands_out_leases_with_generated_ids() {
 }
 
 #[test]
-fn a_request_id_in_flight_cannot_be_taken_twice() {
+fn a_retried_acquire_with_a_live_id_answers_the_original_decision_and_charges_nothing() {
     let server = Server::start();
     let mut con = server.client();
     int(&mut con, &["RL.PLAN.SET", "p", "rpd", "fixed 100/1d"]);
-    assert!(decision(&mut con, &["RL.ACQUIRE", "u", "p", "ID", "r1"]).allowed());
-    assert_eq!(
-        err(&mut con, &["RL.ACQUIRE", "u", "p", "ID", "r1"]),
-        "ERR request id 'r1' is already in flight on this key"
-    );
+    let first = decision(&mut con, &["RL.ACQUIRE", "u", "p", "ID", "r1"]);
+    assert!(first.allowed());
+    let retried = decision(&mut con, &["RL.ACQUIRE", "u", "p", "ID", "r1"]);
+    assert!(retried.allowed());
+    assert_eq!(retried.str("id").as_deref(), Some("r1"));
+    assert_eq!(retried.remaining("rpd"), 99, "the retry charged nothing");
     assert_eq!(
         decision(&mut con, &["RL.PEEK", "u", "p", "0"]).remaining("rpd"),
-        99,
-        "the refusal charged nothing"
+        99
+    );
+    // Once released, the id makes a new request.
+    run(&mut con, &["RL.RELEASE", "u", "r1"]);
+    assert_eq!(
+        decision(&mut con, &["RL.ACQUIRE", "u", "p", "ID", "r1"]).remaining("rpd"),
+        98
     );
 }
 
@@ -276,7 +282,7 @@ fn requests_per_key_are_capped_by_config() {
     }
     assert_eq!(
         err(&mut con, &["RL.ACQUIRE", "u", "p"]),
-        "ERR this key already holds 3 requests in flight (tollgate.max-requests-per-key)"
+        "ERR key 'u' already holds 3 requests in flight (tollgate.max-requests-per-key)"
     );
     assert_eq!(info_field(&mut con, "requests_in_flight"), 3);
     assert_eq!(int(&mut con, &["DEL", "u"]), 1);

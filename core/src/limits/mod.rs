@@ -18,6 +18,8 @@ pub mod bucket;
 pub mod fixed;
 pub mod sliding;
 
+use crate::layout::Shape;
+
 /// Whether a cost can be admitted, and if not, when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -45,6 +47,15 @@ impl Admission {
         }
     }
 
+    /// Whether `self` admits later than `other` (never is the latest).
+    pub fn is_later_than(self, other: Admission) -> bool {
+        match (self, other) {
+            (Admission::Now, _) | (_, Admission::Never) => false,
+            (Admission::Never, _) | (_, Admission::Now) => true,
+            (Admission::After(a), Admission::After(b)) => a > b,
+        }
+    }
+
     /// `retry_after_ms` as replied: 0 now, -1 never.
     pub fn retry_after_ms(self) -> i64 {
         match self {
@@ -53,6 +64,67 @@ impl Admission {
             Admission::Never => -1,
         }
     }
+}
+
+/// The usage a slot of `shape` holds at `now`, in whole units (a bucket's debt
+/// rounded up), as carried into another shape.
+pub fn used_units(shape: Shape, words: &[u64], updated: u64, now: u64) -> u64 {
+    match shape {
+        Shape::Fixed { window } => fixed::used_at(words, window, updated, now),
+        Shape::Sliding {
+            window_ms,
+            precision,
+        } => to_u64(
+            sliding::Slices {
+                window_ms,
+                precision,
+            }
+            .used_at(words, updated, now),
+        ),
+        Shape::Bucket { window_ms } => {
+            let bucket = bucket::Bucket::as_stored(words, window_ms);
+            to_u64(bucket.used(bucket.debt_at(words, now)))
+        }
+        Shape::Concurrency => words.first().copied().unwrap_or(0),
+    }
+}
+
+/// Adds `units` of usage charged at `now` to words of `shape` (normalized to `now`);
+/// a bucket drains at `rate` (its plan's, or the rate it was last charged at).
+pub fn add_units(shape: Shape, rate: u64, words: &mut [u64], now: u64, units: u64) {
+    match shape {
+        Shape::Fixed { .. } | Shape::Concurrency => fixed::charge(words, units),
+        Shape::Sliding {
+            window_ms,
+            precision,
+        } => sliding::Slices {
+            window_ms,
+            precision,
+        }
+        .charge(words, now, units),
+        Shape::Bucket { window_ms } => bucket::Bucket {
+            rate: rate.max(1),
+            window_ms,
+            burst: 0,
+        }
+        .charge(words, now, units),
+    }
+}
+
+/// Carries a budget's usage from one shape into another (a plan changed how it
+/// counts the budget): `to_words` (zeroed) get the usage the old words hold at `now`,
+/// counted as if charged at `now` — conservatively, for the whole of the new window,
+/// or draining from now on. So a change of algorithm or window never forgets usage,
+/// and never lets more through than either shape would on its own.
+pub fn carry_over(
+    from: (Shape, &[u64]),
+    updated: u64,
+    to: (Shape, u64),
+    now: u64,
+    to_words: &mut [u64],
+) {
+    let units = used_units(from.0, from.1, updated, now);
+    add_units(to.0, to.1, to_words, now, units);
 }
 
 /// `used` has reached `pct`% of `capacity` (and something has been used).

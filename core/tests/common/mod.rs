@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tollgate_core::decide::{self, Call, Costs, Decided, Outcome, Settings};
+use tollgate_core::decide::{self, Call, Costs, Decision, Outcome, Pair, Settings};
 use tollgate_core::layout::LayoutInterner;
 use tollgate_core::plan::{Plan, Plans};
 use tollgate_core::subject::Subject;
@@ -17,48 +17,45 @@ pub struct Harness {
     pub subject: Option<Subject>,
     pub clock: ManualClock,
     pub settings: Settings,
-    pub out: Vec<Outcome>,
 }
 
 /// One acquire or peek, as the reply would show it.
 #[derive(Debug, Clone)]
 pub struct Reply {
-    pub decided: Decided,
-    pub outcomes: Vec<Outcome>,
+    pub decision: Decision,
     pub id: Option<String>,
 }
 
 impl Reply {
     pub fn allowed(&self) -> bool {
-        self.decided.verdict.admitted
+        self.decision.admitted()
     }
     pub fn retry_after_ms(&self) -> i64 {
-        if self.allowed() {
-            0
-        } else {
-            self.decided.verdict.admission.retry_after_ms()
-        }
+        self.decision.retry_after_ms()
+    }
+    /// The plan that decided (after a fallback).
+    pub fn plan(&self) -> &Plan {
+        &self.decision.parts[0].plan
     }
     /// `remaining` of the limit named `name`.
     pub fn remaining(&self, name: &str) -> u64 {
         self.outcome(name).remaining
     }
     pub fn outcome(&self, name: &str) -> Outcome {
-        let plan = &self.decided.plan;
-        self.outcomes
+        let part = &self.decision.parts[0];
+        part.outcomes
             .iter()
             .copied()
-            .find(|o| plan.limits.get(o.limit).is_some_and(|l| &*l.name == name))
+            .find(|o| {
+                part.plan
+                    .limits
+                    .get(o.limit)
+                    .is_some_and(|l| &*l.name == name)
+            })
             .unwrap_or_else(|| unreachable!("no outcome for {name}"))
     }
     pub fn denied_by(&self) -> Option<String> {
-        match self.decided.verdict.denied_by {
-            Some(decide::Denial::Limit(i)) => {
-                self.decided.plan.limits.get(i).map(|l| l.name.to_string())
-            }
-            Some(decide::Denial::Endpoint) => Some("endpoint".into()),
-            None => None,
-        }
+        self.decision.denied_by().map(str::to_string)
     }
 }
 
@@ -70,7 +67,6 @@ impl Harness {
             subject: None,
             clock: ManualClock::new(now),
             settings: Settings::default(),
-            out: Vec::new(),
         }
     }
 
@@ -92,35 +88,32 @@ impl Harness {
             .cloned()
             .unwrap_or_else(|| unreachable!("no plan {plan}"));
         let now = self.clock.now_ms();
-        let decided = decide::decide(
-            &self.plans,
-            &requested,
-            self.subject.as_ref(),
-            &call,
-            now,
-            &self.settings,
-            &mut self.out,
-        );
+        let pairs = [Pair {
+            subject: self.subject.as_ref(),
+            plan: &requested,
+        }];
+        let decision = decide::decide(&self.plans, &pairs, &call, None, now, &self.settings);
         let mut id = None;
-        if commit && decided.verdict.admitted {
-            let subject = self.subject.get_or_insert_with(|| {
-                Subject::new(Arc::clone(&decided.plan.layout), decided.verdict.now)
-            });
-            id = decide::commit(
-                &decided.plan,
-                subject,
+        if commit && decision.admitted() {
+            let committed = decide::commit(
+                &decision,
+                &pairs,
                 &call,
-                &decided.verdict,
+                &[],
+                &self.settings,
                 &mut self.interner,
+                &|_| false,
             )
-            .unwrap_or_else(|e| panic!("commit refused: {e:?}"))
-            .map(|id| String::from_utf8_lossy(&id).into_owned());
+            .unwrap_or_else(|e| panic!("commit refused: {e:?}"));
+            id = committed
+                .id
+                .as_deref()
+                .map(|id| String::from_utf8_lossy(id).into_owned());
+            for change in committed.changes {
+                change.apply_to(&mut self.subject, now);
+            }
         }
-        Reply {
-            decided,
-            outcomes: self.out.clone(),
-            id,
-        }
+        Reply { decision, id }
     }
 
     pub fn acquire(&mut self, plan: &str, units: u64) -> Reply {
@@ -167,8 +160,22 @@ impl Harness {
 
     pub fn release(&mut self, id: &str, actual: &[(&str, u64)]) -> Option<String> {
         let now = self.clock.now_ms();
-        let subject = self.subject.as_mut()?;
-        decide::release(subject, id.as_bytes(), actual, now).map(|s| s.plan.to_string())
+        let (settled, change) =
+            decide::settle(self.subject.as_ref(), id.as_bytes(), actual, now).ok()?;
+        change.apply_to(&mut self.subject, now);
+        Some(settled.plan.to_string())
+    }
+
+    /// `RL.TOUCH`: whether the live request `id` now expires `ttl_ms` from now.
+    pub fn touch(&mut self, id: &str, ttl_ms: u64) -> bool {
+        let now = self.clock.now_ms();
+        match decide::touch(self.subject.as_ref(), id.as_bytes(), ttl_ms, now) {
+            Ok((_, change)) => {
+                change.apply_to(&mut self.subject, now);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     pub fn advance(&self, ms: u64) {

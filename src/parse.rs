@@ -1,23 +1,27 @@
-//! Parsing the arguments shared by `RL.ACQUIRE`, `RL.PEEK` and `RL.RELEASE`.
+//! Parsing the arguments of `RL.ACQUIRE`, `RL.PEEK`, `RL.USAGE` and `RL.RELEASE`: one
+//! walk of each command's grammar.
 //!
 //! Options are case-insensitive keywords. `COST` takes `unit amount` pairs until the
-//! next keyword, so unit names cannot be one of the keywords below.
+//! next keyword, so unit names cannot be one of the keywords below (plans refuse them:
+//! see `tollgate_core::plan::RESERVED_UNITS`).
 
 use tollgate_core::decide::{Call, Costs};
 use tollgate_core::requests::MAX_ID_LEN;
 use tollgate_core::spec::DEFAULT_UNIT;
 use tollgate_core::time::MAX_WINDOW_MS;
 
+use smallvec::SmallVec;
+
 use crate::args::{is_integer, printable, Args, CmdError};
-use crate::server::RawString;
+use crate::server::{bytes_of, RawString};
 
 /// Most `COST` units one call may name.
 pub const MAX_COST_UNITS: usize = 16;
 /// The longest a caller may `WAIT`, in milliseconds (one day).
 pub const MAX_WAIT_MS: u64 = 86_400_000;
 
-const KEYWORDS: [&str; 7] = [
-    "COST", "ENDPOINT", "ID", "TTL", "WAIT", "PRIORITY", "CREDITS",
+const KEYWORDS: [&str; 9] = [
+    "COST", "ENDPOINT", "ID", "TTL", "WAIT", "PRIORITY", "CREDITS", "COMPACT", "ALSO",
 ];
 
 /// Costs per unit, as given by the positional `units` and `COST`.
@@ -98,6 +102,12 @@ pub struct CallArgs<'a> {
     pub priority: i64,
     /// `CREDITS credits-key amount`.
     pub credits: Option<(RawString, u64)>,
+    /// The integer-array reply.
+    pub compact: bool,
+    /// `ALSO count key plan ...`: the pairs after the first.
+    pub also: SmallVec<[(RawString, &'a str); 4]>,
+    /// `ALSO` was given (even if its pairs are few).
+    pub has_also: bool,
 }
 
 impl<'a> CallArgs<'a> {
@@ -111,6 +121,20 @@ impl<'a> CallArgs<'a> {
             id: self.id,
             ttl_ms: self.ttl_ms,
         }
+    }
+
+    /// Every subject key of the call, first key first.
+    pub fn keys(&self) -> SmallVec<[RawString; 4]> {
+        std::iter::once(self.key)
+            .chain(self.also.iter().map(|(k, _)| *k))
+            .collect()
+    }
+
+    /// Every plan argument, in key order.
+    pub fn plans(&self) -> SmallVec<[&'a str; 4]> {
+        std::iter::once(self.plan)
+            .chain(self.also.iter().map(|(_, p)| *p))
+            .collect()
     }
 }
 
@@ -168,8 +192,13 @@ fn parse_costs<'a>(
 }
 
 /// Parses `key plan [units] [COST unit n ...] [ENDPOINT e] [ID id] [TTL ms]
-/// [WAIT ms [PRIORITY p]] [CREDITS key n]`, taking only the options `accept` allows.
-pub fn parse_call<'a>(args: &Args<'a>, accept: Accept) -> Result<CallArgs<'a>, CmdError> {
+/// [WAIT ms [PRIORITY p]] [CREDITS key n] [COMPACT] [ALSO count key plan ...]`,
+/// taking only the options `accept` allows; `max_also` bounds `count`.
+pub fn parse_call<'a>(
+    args: &Args<'a>,
+    accept: Accept,
+    max_also: usize,
+) -> Result<CallArgs<'a>, CmdError> {
     if args.len() < 3 {
         return Err(CmdError::WrongArity);
     }
@@ -183,6 +212,9 @@ pub fn parse_call<'a>(args: &Args<'a>, accept: Accept) -> Result<CallArgs<'a>, C
         wait_ms: None,
         priority: 0,
         credits: None,
+        compact: false,
+        also: SmallVec::new(),
+        has_also: false,
     };
     let mut i = 3;
     if args.bytes(i).is_some_and(is_integer) {
@@ -198,6 +230,22 @@ pub fn parse_call<'a>(args: &Args<'a>, accept: Accept) -> Result<CallArgs<'a>, C
             }
             cost_given = true;
             i = parse_costs(args, i, &mut parsed.costs)?;
+            continue;
+        }
+        if args.is(i, "COMPACT") {
+            if parsed.compact {
+                return Err(twice("COMPACT"));
+            }
+            parsed.compact = true;
+            i += 1;
+            continue;
+        }
+        if args.is(i, "ALSO") {
+            if parsed.has_also {
+                return Err(twice("ALSO"));
+            }
+            parsed.has_also = true;
+            i = parse_also(args, i, max_also, &mut parsed.also)?;
             continue;
         }
         let v = value_at(args, i);
@@ -271,9 +319,9 @@ pub fn parse_call<'a>(args: &Args<'a>, accept: Accept) -> Result<CallArgs<'a>, C
                 "unexpected argument '{}' (expected {})",
                 printable(args.bytes(i).unwrap_or(b"")),
                 if acquire {
-                    "COST, ENDPOINT, ID, TTL, WAIT, PRIORITY or CREDITS"
+                    "COST, ENDPOINT, ID, TTL, WAIT, PRIORITY, CREDITS, COMPACT or ALSO"
                 } else {
-                    "COST or ENDPOINT"
+                    "COST, ENDPOINT, COMPACT or ALSO"
                 }
             )));
         }
@@ -282,7 +330,85 @@ pub fn parse_call<'a>(args: &Args<'a>, accept: Accept) -> Result<CallArgs<'a>, C
     if priority_given && parsed.wait_ms.is_none() {
         return Err(CmdError::err("PRIORITY only applies with WAIT"));
     }
+    check_distinct_keys(&parsed)?;
     Ok(parsed)
+}
+
+/// Parses `ALSO count key plan [key plan ...]` starting at the keyword `i`; returns
+/// the index after the last pair.
+fn parse_also<'a>(
+    args: &Args<'a>,
+    i: usize,
+    max_also: usize,
+    also: &mut SmallVec<[(RawString, &'a str); 4]>,
+) -> Result<usize, CmdError> {
+    let count_at = value_at(args, i)?;
+    let count = args.u64(count_at, "ALSO count")?;
+    if count == 0 || count > max_also as u64 {
+        return Err(CmdError::err(format_args!(
+            "ALSO count must be between 1 and {max_also} (tollgate.max-also)"
+        )));
+    }
+    let count = count as usize;
+    let first = count_at + 1;
+    if first + 2 * count > args.len() {
+        return Err(CmdError::err(format_args!(
+            "ALSO {count} needs {count} key and plan pairs"
+        )));
+    }
+    for n in 0..count {
+        let key = args.raw(first + 2 * n).ok_or(CmdError::WrongArity)?;
+        let plan = args.str(first + 2 * n + 1, "ALSO plan")?;
+        also.push((key, plan));
+    }
+    Ok(first + 2 * count)
+}
+
+/// Refuses a call that names one key twice (two pairs, or a pair and the credits
+/// key): one key is one subject, charged once.
+fn check_distinct_keys(parsed: &CallArgs<'_>) -> Result<(), CmdError> {
+    let mut names: SmallVec<[&[u8]; 6]> = parsed.keys().iter().map(|&k| bytes_of(k)).collect();
+    if let Some((credits, _)) = parsed.credits {
+        names.push(bytes_of(credits));
+    }
+    for (i, a) in names.iter().enumerate() {
+        if names.iter().skip(i + 1).any(|b| b == a) {
+            return Err(CmdError::err(format_args!(
+                "key '{}' is named twice in one call",
+                printable(a)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A parsed `RL.USAGE key plan [ENDPOINT name]`.
+pub struct UsageArgs<'a> {
+    pub key: RawString,
+    pub plan: &'a str,
+    pub endpoint: Option<&'a str>,
+}
+
+pub fn parse_usage<'a>(args: &Args<'a>) -> Result<UsageArgs<'a>, CmdError> {
+    if args.len() != 3 && args.len() != 5 {
+        return Err(CmdError::WrongArity);
+    }
+    let endpoint = if args.len() == 5 {
+        if !args.is(3, "ENDPOINT") {
+            return Err(CmdError::err(format_args!(
+                "unexpected argument '{}' (expected ENDPOINT)",
+                printable(args.bytes(3).unwrap_or(b""))
+            )));
+        }
+        Some(args.name(4, "ENDPOINT")?)
+    } else {
+        None
+    };
+    Ok(UsageArgs {
+        key: args.raw(1).ok_or(CmdError::WrongArity)?,
+        plan: args.str(2, "plan")?,
+        endpoint,
+    })
 }
 
 /// A parsed `RL.RELEASE key request-id [COST unit actual ...]`.
@@ -323,28 +449,4 @@ pub fn parse_release<'a>(args: &Args<'a>) -> Result<ReleaseArgs<'a>, CmdError> {
         id,
         actual,
     })
-}
-
-/// The argument index of the `CREDITS` key of an `RL.ACQUIRE`, found by walking the
-/// grammar as [`parse_call`] does (for cluster routing: `getkeys-api`).
-pub fn credits_key_position(args: &Args<'_>) -> Option<usize> {
-    let mut i = 3;
-    if args.bytes(i).is_some_and(is_integer) {
-        i += 1;
-    }
-    while i < args.len() {
-        if args.is(i, "COST") {
-            i += 1;
-            while i < args.len() && !is_keyword(args, i) {
-                i += 2;
-            }
-        } else if args.is(i, "CREDITS") {
-            return (i + 1 < args.len()).then_some(i + 1);
-        } else if is_keyword(args, i) {
-            i += 2;
-        } else {
-            return None;
-        }
-    }
-    None
 }
