@@ -27,6 +27,9 @@ impl CmdError {
 
 pub type CmdResult = Result<(), CmdError>;
 
+/// What a client gets when a command panics (caught at the boundary; a bug).
+pub const INTERNAL_ERROR: &str = "ERR tollgate internal error (a bug: see the server log)";
+
 /// The arguments of one call (`argv[0]` is the command name), each read once.
 pub struct Args<'a> {
     argv: &'a [RawString],

@@ -239,7 +239,7 @@ pub fn attempt(
         .zip(keys.iter_mut())
         .zip(&names)
     {
-        write_subject(ctx, key, name, change, clock, payload)?;
+        write_subject(ctx, key, name, change, payload)?;
     }
     if let (Some(key), Some((name, amount))) = (credits_key.as_mut(), parsed.credits) {
         let balance = charge_credits(

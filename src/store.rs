@@ -45,15 +45,15 @@ fn key_expiry(expiry: Expiry) -> KeyExpiry {
     }
 }
 
-/// Applies `change` to the subject in `key` (a new one, as of `now`, if the key is
-/// empty), then sets the key's expiry from the subject's state, replicates the change
-/// and signals the key as modified. `payload` is a reusable buffer.
+/// Applies `change` to the subject in `key` (a new, empty one if the key is empty —
+/// exactly what a replica starts from), then sets the key's expiry from the subject's
+/// state, replicates the change and signals the key as modified. `payload` is a
+/// reusable buffer.
 pub fn write_subject(
     ctx: &Ctx,
     key: &mut Key,
     name: RawString,
     change: Change,
-    now: u64,
     payload: &mut Vec<u8>,
 ) -> Result<(), CmdError> {
     let mut w = Writer::with_buffer(std::mem::take(payload));
@@ -66,8 +66,9 @@ pub fn write_subject(
             key_expiry(subject.expiry())
         }
         None => {
-            // Replaced by the change's layout unless it only assigns or keeps alive.
-            let mut subject = Box::new(Subject::new(Arc::new(Layout::empty()), now));
+            // A replica creates the key from the same delta on the same empty subject
+            // (its instant and layout come from the change, if it has a limit part).
+            let mut subject = Box::new(Subject::new(Arc::new(Layout::empty()), 0));
             change.apply(&mut subject);
             let expiry = key_expiry(subject.expiry());
             if expiry == KeyExpiry::Delete {
@@ -158,5 +159,5 @@ pub fn keep_alive(
         keep_until: Some(until),
         ..Change::default()
     };
-    write_subject(ctx, &mut key, name, change, ctx.now_ms(), payload)
+    write_subject(ctx, &mut key, name, change, payload)
 }

@@ -25,9 +25,8 @@ use smallvec::SmallVec;
 use tollgate_core::limits::Admission;
 use tollgate_core::queue::Place;
 
-use crate::args::CmdError;
+use crate::args::{CmdError, INTERNAL_ERROR};
 use crate::call::{attempt, Attempted};
-use crate::commands::INTERNAL_ERROR;
 use crate::parse::{CallArgs, CostList};
 use crate::server::{api, bytes_of, Ctx, HeldString, RawString};
 use crate::state::{KeyId, State, STATE};

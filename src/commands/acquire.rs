@@ -125,7 +125,7 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                     })
                     .map_err(|e| CmdError::err(format_args!("cannot charge the key: {e:?}")))?;
                 for change in committed.changes {
-                    write_subject(ctx, &mut key, name, change, now, payload)?;
+                    write_subject(ctx, &mut key, name, change, payload)?;
                 }
             } else {
                 stats.denied += 1;

@@ -38,14 +38,7 @@ pub fn assign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                 assign: Some(Some(plan.into())),
                 ..Change::default()
             };
-            write_subject(
-                ctx,
-                &mut key,
-                name,
-                change,
-                ctx.now_ms(),
-                &mut state.payload,
-            )?;
+            write_subject(ctx, &mut key, name, change, &mut state.payload)?;
             ctx.reply_simple(c"OK");
             Ok(())
         })
@@ -69,14 +62,7 @@ pub fn unassign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                     assign: Some(None),
                     ..Change::default()
                 };
-                write_subject(
-                    ctx,
-                    &mut key,
-                    name,
-                    change,
-                    ctx.now_ms(),
-                    &mut state.payload,
-                )?;
+                write_subject(ctx, &mut key, name, change, &mut state.payload)?;
             }
             ctx.reply_integer(i64::from(assigned));
             Ok(())

@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use redis_module::raw;
 
-use crate::args::{Args, CmdError, CmdResult};
+use crate::args::{Args, CmdError, CmdResult, INTERNAL_ERROR};
 use crate::server::{api, Ctx, RawString};
 
 pub mod acquire;
@@ -20,9 +20,6 @@ pub mod assign;
 pub mod credits;
 pub mod plans;
 pub mod requests;
-
-/// What a client gets when a command panics (caught at the boundary; a bug).
-pub const INTERNAL_ERROR: &str = "ERR tollgate internal error (a bug: see the server log)";
 
 pub type Handler = fn(&Ctx, Args<'_>) -> CmdResult;
 

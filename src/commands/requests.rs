@@ -42,7 +42,7 @@ fn release_one(
         Ok(done) => done,
         Err(why) => return Ok(Err(why)),
     };
-    write_subject(ctx, &mut key, name, change, now, &mut state.payload)?;
+    write_subject(ctx, &mut key, name, change, &mut state.payload)?;
     ctx.signal_ready(name);
     let part = state.plans.get(&settled.plan).map(|plan| Part {
         plan: std::sync::Arc::clone(plan),
@@ -115,7 +115,7 @@ fn touch_one(
     let Ok((_, change)) = decide::touch(subject, id, ttl, now) else {
         return Ok(None);
     };
-    write_subject(ctx, &mut key, name, change, now, &mut state.payload)?;
+    write_subject(ctx, &mut key, name, change, &mut state.payload)?;
     Ok(links)
 }
 

@@ -24,5 +24,6 @@ mod plansync;
 mod readme;
 mod replication;
 mod robustness;
+mod safety;
 mod throttle;
 mod waits;
