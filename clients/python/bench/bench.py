@@ -44,18 +44,23 @@ ROUNDS = 5
 
 def interleaved(*fns, n: int):
     """Best µs per call of each function, over ROUNDS rounds run in turn (the
-    machine is shared: turns spread its noise over every contender)."""
-    best = [float("inf")] * len(fns)
+    machine is shared: turns spread its noise over every contender): wall
+    time, and this process's CPU time (what the Python side costs, whatever
+    else the machine runs)."""
+    wall = [float("inf")] * len(fns)
+    cpu = [float("inf")] * len(fns)
     for _ in range(ROUNDS):
         for i, fn in enumerate(fns):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn(n)
-            best[i] = min(best[i], (time.perf_counter() - t) / n * 1e6)
-    return best
+            wall[i] = min(wall[i], (time.perf_counter() - t) / n * 1e6)
+            cpu[i] = min(cpu[i], (time.process_time() - c) / n * 1e6)
+    return wall + cpu
 
 
-def sync_rows(port: int, protocol: int):
-    r = redis.Redis(port=port, protocol=protocol)
+def sync_rows(port: int, protocol: int, parser_class=None):
+    kwargs = {} if parser_class is None else {"parser_class": parser_class}
+    r = redis.Redis(connection_pool=redis.ConnectionPool(port=port, protocol=protocol, **kwargs))
     limiter = Limiter(r)
     limiter.plans.set("bench", PLAN)
     keys = [f"user:{i}" for i in range(1000)]
@@ -70,16 +75,16 @@ def sync_rows(port: int, protocol: int):
 
     raw(2000)
     client(2000)
-    a, b = interleaved(raw, client, n=N)
+    a, b, ca, cb = interleaved(raw, client, n=N)
     reply = r.execute_command("RL.ACQUIRE", "user:x", "bench", "COST", "token", 100)
 
     def parse(n: int) -> None:
         for _ in range(n):
             proto.parse_decision(reply, "user:x", "bench").headers()
 
-    (c,) = interleaved(parse, n=N)
+    _, c = interleaved(parse, n=N)
     r.close()
-    return a, b, c
+    return a, b, ca, cb, c
 
 
 async def async_rows(port: int, protocol: int):
@@ -97,15 +102,16 @@ async def async_rows(port: int, protocol: int):
 
     await raw(2000)
     await client(2000)
-    best = [float("inf")] * 2
+    wall = [float("inf")] * 2
+    cpu = [float("inf")] * 2
     for _ in range(ROUNDS):
         for i, fn in enumerate((raw, client)):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             await fn(N)
-            best[i] = min(best[i], (time.perf_counter() - t) / N * 1e6)
-    a, b = best
+            wall[i] = min(wall[i], (time.perf_counter() - t) / N * 1e6)
+            cpu[i] = min(cpu[i], (time.process_time() - c) / N * 1e6)
     await r.aclose()
-    return a, b
+    return wall[0], wall[1], cpu[0], cpu[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen) -> None:
@@ -118,6 +124,13 @@ def wait_port(port: int, proc: subprocess.Popen) -> None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("a benchmark server did not start")
             time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def load(url: str, seconds: float, concurrency: int = 16) -> float:
@@ -141,7 +154,7 @@ async def load(url: str, seconds: float, concurrency: int = 16) -> float:
         elapsed = time.monotonic() - start
     if set(codes) != {200}:
         raise RuntimeError(f"unexpected statuses during the load: {codes}")
-    return done / elapsed
+    return done / elapsed, done
 
 
 def app_rows(redis_port: int) -> dict:
@@ -157,12 +170,14 @@ def app_rows(redis_port: int) -> dict:
         wait_port(up_port, up)
         env = dict(os.environ, OPENAI_API_KEY="sk-bench", REDIS_URL=f"redis://127.0.0.1:{redis_port}", UPSTREAM_URL=f"http://127.0.0.1:{up_port}/v1")
         ports = {}
+        pids = {}
         for mode in ("with", "without"):
             port = free_port()
             p = subprocess.Popen([sys.executable, str(HERE / "serve.py"), str(port), mode], cwd=HERE, env=env)
             procs.append(p)
             wait_port(port, p)
             ports[mode] = port
+            pids[mode] = p.pid
         # The example's plans are loaded at its start; make the premium tier
         # roomy enough that the benchmark measures admitted calls only.
         admin = Limiter(redis.Redis(port=redis_port))
@@ -172,12 +187,16 @@ def app_rows(redis_port: int) -> dict:
              "jobs": "concurrency 10000 ttl 120s", "spend": "fixed 1000000000000 usd_micros/1mo warn 80%"},
         )
         results: dict = {"with": [], "without": []}
+        cpu: dict = {"with": [], "without": []}
         for mode in ("with", "without"):
             asyncio.run(load(f"http://127.0.0.1:{ports[mode]}", 1.0))  # warm up
         for _ in range(2):
             for mode in ("without", "with"):
-                results[mode].append(asyncio.run(load(f"http://127.0.0.1:{ports[mode]}", 4.0)))
-        return {m: max(v) for m, v in results.items()}
+                before = cpu_seconds(pids[mode])
+                rps, done = asyncio.run(load(f"http://127.0.0.1:{ports[mode]}", 4.0))
+                results[mode].append(rps)
+                cpu[mode].append((cpu_seconds(pids[mode]) - before) / done * 1e6)
+        return {m: (max(results[m]), min(cpu[m])) for m in results}
     finally:
         for p in procs:
             p.terminate()
@@ -194,18 +213,38 @@ def main() -> None:
     server = Server(free_port(), workdir)
     try:
         print(f"== Python client overhead per decision (µs per call, best of {ROUNDS} interleaved rounds of {N} calls, one connection)")
-        print(f"{'client':<28}{'raw execute_command':>20}{'acquire+headers':>17}{'overhead':>10}")
+        print("   wall: elapsed time; cpu: this process's CPU time (the Python side, robust to a busy machine)")
+        print(f"{'':<16}{'raw execute_command':>24}{'acquire + headers()':>24}{'overhead':>20}")
+        print(f"{'client':<16}{'wall':>12}{'cpu':>12}{'wall':>12}{'cpu':>12}{'wall':>10}{'cpu':>10}")
+
+        def row(label: str, raw: float, client: float, craw: float, cclient: float) -> None:
+            print(f"{label:<16}{raw:>12.1f}{craw:>12.1f}{client:>12.1f}{cclient:>12.1f}"
+                  f"{client - raw:>10.1f}{cclient - craw:>10.1f}")
+
+        from redis._parsers import _RESP2Parser, _RESP3Parser
+        from redis.utils import HIREDIS_AVAILABLE
+
+        default = "hiredis" if HIREDIS_AVAILABLE else "python parser"
+        parses = []
         for protocol in (2, 3):
-            raw, client, parse = sync_rows(server.port, protocol)
-            print(f"{'sync RESP%d' % protocol:<28}{raw:>20.1f}{client:>17.1f}{client - raw:>10.1f}")
-            araw, aclient = asyncio.run(async_rows(server.port, protocol))
-            print(f"{'asyncio RESP%d' % protocol:<28}{araw:>20.1f}{aclient:>17.1f}{aclient - araw:>10.1f}")
-            print(f"{'  parse + headers, no I/O':<28}{'':>20}{parse:>17.1f}")
+            raw, client, craw, cclient, parse = sync_rows(server.port, protocol)
+            row(f"sync RESP{protocol}", raw, client, craw, cclient)
+            if HIREDIS_AVAILABLE:
+                pure = _RESP2Parser if protocol == 2 else _RESP3Parser
+                raw, client, craw, cclient, _ = sync_rows(server.port, protocol, pure)
+                row(f"  python parser", raw, client, craw, cclient)
+            row(f"asyncio RESP{protocol}", *asyncio.run(async_rows(server.port, protocol)))
+            parses.append(parse)
+        print(f"(redis-py parses with {default} unless the row says otherwise)")
+        print(f"reply normalisation + headers() alone, no I/O (cpu): RESP2 {parses[0]:.1f} µs, RESP3 {parses[1]:.1f} µs")
         print()
-        print("== The README example app (uvicorn, 1 worker) relaying to a fake upstream; 16 concurrent clients, 4 s")
-        rps = app_rows(server.port)
-        print(f"without the middleware   {rps['without']:>8.0f} requests/s")
-        print(f"with the middleware      {rps['with']:>8.0f} requests/s   ({rps['with'] / rps['without']:.2f}x)")
+        print("== The README example app (uvicorn, 1 worker) relaying to a fake upstream; 16 concurrent clients, 2 x 4 s each, interleaved")
+        res = app_rows(server.port)
+        for mode in ("without", "with"):
+            rps, cpu = res[mode]
+            print(f"{mode + ' the middleware':<24}{rps:>8.0f} requests/s   app process CPU {cpu:>7.0f} µs/request")
+        ratio = res["with"][0] / res["without"][0]
+        print(f"with/without: {ratio:.2f}x requests/s, +{res['with'][1] - res['without'][1]:.0f} µs CPU per request")
     finally:
         server.stop()
 

@@ -346,3 +346,19 @@ def test_a_client_that_leaves_while_queued_is_never_charged(standalone, upstream
         assert wait_until(lambda: admin.peek(key, plan).allowed)
         assert admin.peek(key, plan, requests=0).limit("rpm").remaining == 99
         assert len(upstream.calls) == calls + 1
+
+
+def test_a_stream_longer_than_its_lease_is_kept_alive_by_the_heartbeat(standalone, upstream, admin) -> None:
+    tiers = Tiers(admin, {"free": {"jobs": "concurrency 1 ttl 500ms", "rpm": "sliding 100/1m"}})
+    key, plan = tiers.key("user_001"), tiers.names["free"]
+    with serve(app_for(standalone, upstream, tiers)) as url:
+        stream = client(url).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50,
+            stream=True, extra_body={"fake": {"chunks": 15, "delay_ms": 100}},
+        )
+        chunks = iter(stream)
+        for _ in range(12):  # 1.2 s: more than twice the lease's 500 ms
+            next(chunks)
+        assert not admin.peek(key, plan).allowed, "the lease expired under a running stream"
+        assert chunks and len(list(chunks)) >= 3
+        assert wait_until(lambda: admin.peek(key, plan).allowed)

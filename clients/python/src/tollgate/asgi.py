@@ -43,8 +43,9 @@ import dataclasses
 import inspect
 import json
 import logging
+import sys
 import uuid
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError as RedisResponseError
@@ -56,6 +57,7 @@ from .costs import LLMCosts
 from .limiter import lease_ttl_ms
 
 logger = logging.getLogger("tollgate")
+T = TypeVar("T")
 
 Scope = Dict[str, Any]
 Message = Dict[str, Any]
@@ -246,11 +248,11 @@ class TollgateMiddleware:
             kwargs["priority"] = subject.priority
         timeout = self.redis_timeout_s + (self.queue_ms / 1000.0 if self.enforce == "queue" else 0)
         acquire = self.limiter.acquire_or_forget
-        decision = await asyncio.wait_for(acquire(subject.key, subject.plan, **kwargs), timeout)
+        decision = await _bounded(acquire(subject.key, subject.plan, **kwargs), timeout)
         if not decision.allowed and self.enforce == "degrade" and not decision.never:
             plan = self._degrade_plan(subject)
             if plan and plan != subject.plan and plan != decision.plan:
-                second = await asyncio.wait_for(acquire(subject.key, plan, **kwargs), timeout)
+                second = await _bounded(acquire(subject.key, plan, **kwargs), timeout)
                 if second.allowed:
                     decision = dataclasses.replace(second, requested_plan=subject.plan)
         return decision
@@ -297,13 +299,14 @@ class TollgateMiddleware:
                     state["ended"] = True
             await send(message)
 
-        beat = asyncio.ensure_future(self._heartbeat(subject, decision))
+        beat = self._heartbeat(subject, decision)
         failed = True
         try:
             await self.app(scope, receive, send_with_headers)
             failed = False
         finally:
-            beat.cancel()
+            if beat is not None:
+                beat.stop()
             settle = asyncio.ensure_future(self._settle(subject, decision, body, estimate, state, failed))
             try:
                 await asyncio.shield(settle)
@@ -312,19 +315,12 @@ class TollgateMiddleware:
                 # its end in the background.
                 raise
 
-    async def _heartbeat(self, subject: Subject, decision: Decision) -> None:
+    def _heartbeat(self, subject: Subject, decision: Decision) -> Optional["_Heartbeat"]:
         ttl = lease_ttl_ms(decision, self.ttl_ms)
         interval = self.heartbeat_ms if self.heartbeat_ms is not None else max(ttl // 3, 1)
         if not interval or decision.id is None:
-            return
-        while True:
-            await asyncio.sleep(interval / 1000.0)
-            try:
-                await self.limiter.touch(subject.key, decision.id, ttl)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a missed beat is retried at the next one
-                logger.warning("tollgate: heartbeat of %s failed: %s", decision.id, exc)
+            return None
+        return _Heartbeat(self.limiter, subject.key, decision.id, interval, ttl)
 
     async def _settle(
         self,
@@ -351,14 +347,65 @@ class TollgateMiddleware:
             actual = None  # served, usage unknown (or the client left): keep the estimate
         refund_credits = actual is not None and usage is None and subject.credits is not None
         try:
-            await asyncio.wait_for(self.limiter.release(subject.key, decision.id, actual), self.redis_timeout_s)
+            await _bounded(self.limiter.release(subject.key, decision.id, actual), self.redis_timeout_s)
             if refund_credits:
                 ckey = subject.credits[0]  # type: ignore[index]
-                await asyncio.wait_for(self.limiter.credits.refund(ckey, decision.id), self.redis_timeout_s)
+                await _bounded(self.limiter.credits.refund(ckey, decision.id), self.redis_timeout_s)
         except Exception as exc:
             logger.error(
                 "tollgate: settling %s on %s failed (%s): the lease expires by itself", decision.id, subject.key, exc
             )
+
+
+class _Heartbeat:
+    """`RL.TOUCH` every `interval_ms` while a response runs: a timer, and a task
+    only when it fires (most requests end before the first beat)."""
+
+    def __init__(self, limiter: AsyncLimiter, key: Any, request_id: str, interval_ms: int, ttl_ms: int) -> None:
+        self.limiter = limiter
+        self.key = key
+        self.request_id = request_id
+        self.interval_s = interval_ms / 1000.0
+        self.ttl_ms = ttl_ms
+        self.loop = asyncio.get_running_loop()
+        self.task: Optional["asyncio.Future[None]"] = None
+        self.stopped = False
+        self.handle: Optional[asyncio.TimerHandle] = self.loop.call_later(self.interval_s, self._fire)
+
+    def _fire(self) -> None:
+        if not self.stopped:
+            self.task = asyncio.ensure_future(self._touch())
+
+    async def _touch(self) -> None:
+        try:
+            await _bounded(self.limiter.touch(self.key, self.request_id, self.ttl_ms), max(self.interval_s, 1.0))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a missed beat is retried at the next one
+            logger.warning("tollgate: heartbeat of %s failed: %s", self.request_id, exc)
+        self.task = None
+        if not self.stopped:
+            self.handle = self.loop.call_later(self.interval_s, self._fire)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.handle is not None:
+            self.handle.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(aw: Awaitable[T], seconds: float) -> T:
+        """`aw`, or TimeoutError after `seconds` (no extra task on 3.11+)."""
+        async with asyncio.timeout(seconds):
+            return await aw
+
+else:
+
+    async def _bounded(aw: Awaitable[T], seconds: float) -> T:
+        return await asyncio.wait_for(aw, seconds)
 
 
 def _header_list(decision: Decision) -> List[Tuple[bytes, bytes]]:
