@@ -59,7 +59,7 @@ fn acquire_once(
     }
     let committed = commit(&decision, &pairs, call, &[], settings, interner, &|_| false).ok()?;
     for change in committed.changes {
-        change.apply_to(subject, now);
+        change.apply_to(subject);
     }
     committed.id
 }
@@ -124,7 +124,7 @@ fn acquire(c: &mut Criterion) {
             );
             if let Some(id) = id {
                 if let Ok((settled, change)) = settle(subject.as_ref(), &id, &tokens, now) {
-                    change.apply_to(&mut subject, now);
+                    change.apply_to(&mut subject);
                     black_box(settled);
                 }
             }

@@ -106,10 +106,10 @@ impl Change {
         subject.tidy();
     }
 
-    /// Applies the change to the subject in `slot`, creating it (empty, as of `now`)
-    /// if there is none.
-    pub fn apply_to(self, slot: &mut Option<Subject>, now: u64) {
-        let subject = slot.get_or_insert_with(|| Subject::new(Arc::new(Layout::empty()), now));
+    /// Applies the change to the subject in `slot`, creating it empty if there is none
+    /// (as the module and a replica do: the change brings its own instant and layout).
+    pub fn apply_to(self, slot: &mut Option<Subject>) {
+        let subject = slot.get_or_insert_with(|| Subject::new(Arc::new(Layout::empty()), 0));
         self.apply(subject);
     }
 
@@ -461,7 +461,7 @@ mod tests {
             let mut w = Writer::new();
             change.encode(&mut w, KeyExpiry::Keep);
             let payload = w.into_inner();
-            change.apply_to(primary, now);
+            change.apply_to(primary);
             let delta = Delta::decode(&payload, interner, replica.as_ref())
                 .unwrap_or_else(|e| unreachable!("{e}"));
             match replica.as_mut() {
@@ -515,7 +515,7 @@ mod tests {
         let mut w = Writer::new();
         change.encode(&mut w, KeyExpiry::Keep);
         let payload = w.into_inner();
-        change.apply_to(&mut primary, t);
+        change.apply_to(&mut primary);
         let delta = Delta::decode(&payload, &mut interner, replica.as_ref())
             .unwrap_or_else(|e| unreachable!("{e}"));
         if let Some(r) = replica.as_mut() {

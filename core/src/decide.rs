@@ -31,7 +31,7 @@
 //!     if decision.admitted() {
 //!         let committed = decide::commit(&decision, &pairs, &call, &[], &settings, &mut interner, &|_| false).unwrap();
 //!         for change in committed.changes {
-//!             change.apply_to(&mut subject, 60_000);
+//!             change.apply_to(&mut subject);
 //!         }
 //!     }
 //! }
@@ -650,10 +650,16 @@ fn decide_pair(
         return (part, ttl);
     }
     let mut next = pair.plan.fallback.as_deref();
+    // A loop (only concurrent merges on two primaries can make one) ends the walk.
+    let mut tried: SmallVec<[&str; 4]> = smallvec::smallvec![&*pair.plan.name];
     for _ in 0..MAX_FALLBACK_DEPTH {
-        let Some(plan) = next.and_then(|name| plans.get(name)) else {
+        let Some(plan) = next
+            .filter(|name| !tried.contains(name))
+            .and_then(|name| plans.get(name))
+        else {
             break;
         };
+        tried.push(&plan.name);
         let ttl = request_ttl(plan, call, settings);
         let fallback = evaluate(plan, pair.subject, call, now, now.saturating_add(ttl));
         if fallback.admitted {

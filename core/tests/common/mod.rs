@@ -110,7 +110,7 @@ impl Harness {
                 .as_deref()
                 .map(|id| String::from_utf8_lossy(id).into_owned());
             for change in committed.changes {
-                change.apply_to(&mut self.subject, now);
+                change.apply_to(&mut self.subject);
             }
         }
         Reply { decision, id }
@@ -162,7 +162,7 @@ impl Harness {
         let now = self.clock.now_ms();
         let (settled, change) =
             decide::settle(self.subject.as_ref(), id.as_bytes(), actual, now).ok()?;
-        change.apply_to(&mut self.subject, now);
+        change.apply_to(&mut self.subject);
         Some(settled.plan.to_string())
     }
 
@@ -171,7 +171,7 @@ impl Harness {
         let now = self.clock.now_ms();
         match decide::touch(self.subject.as_ref(), id.as_bytes(), ttl_ms, now) {
             Ok((_, change)) => {
-                change.apply_to(&mut self.subject, now);
+                change.apply_to(&mut self.subject);
                 true
             }
             Err(_) => false,
