@@ -75,8 +75,8 @@ def identify(request: Request):
     """Who pays for this request: one subject key per user (hash-tagged, so the
     user's credits key shares its cluster slot), the user's tier as the plan."""
     api_key = request.headers.get("authorization", "").replace("Bearer ", "", 1)
-    if api_key not in USERS:
-        return None  # not metered: the endpoint answers 401
+    if api_key not in USERS or request.method == "GET":
+        return None  # not metered: unknown keys get a 401, reads are free
     user_id, tier = USERS[api_key]
     if request.url.path.endswith("/images/generations"):
         # Images are paid with prepaid credits, and count against images per minute.
@@ -138,6 +138,23 @@ async def images(request: Request):
     if decision_of(request) is None:
         return JSONResponse({"error": {"message": "unknown API key"}}, status_code=401)
     return await relay(request, "/images/generations")
+
+
+@app.get("/v1/usage")
+async def usage(request: Request):
+    """The caller's standing in every limit of their tier, charging nothing."""
+    api_key = request.headers.get("authorization", "").replace("Bearer ", "", 1)
+    if api_key not in USERS:
+        return JSONResponse({"error": {"message": "unknown API key"}}, status_code=401)
+    user_id, tier = USERS[api_key]
+    standing = await limiter.usage(f"{{user:{user_id}}}:rl", tier)
+    credits = await limiter.credits.balance(f"{{user:{user_id}}}:credits")
+    limits = {
+        lim.name: {"unit": lim.unit, "limit": lim.limit, "used": lim.used,
+                   "remaining": lim.remaining, "resets_in_ms": lim.reset_ms}
+        for lim in standing.limits
+    }
+    return {"plan": standing.plan, "limits": limits, "credits": credits}
 
 
 @app.post("/billing/credits")

@@ -119,7 +119,10 @@ def test_the_example_meters_tiers_streams_credits_warnings_and_degrades(standalo
     assert admin.credits.balance("{user:user_001}:credits") == 75
 
     # Past 80% of the monthly dollar budget, responses carry a warning.
-    admin.acquire("{user:user_001}:rl", "free", requests=0, costs={"usd_micros": 800_000})
+    # (Other pods spent $0.80 of the user's $1: charged through a plan holding only
+    # the same `spend` limit, so no request or lease is taken.)
+    admin.plans.set("spend-only", {"spend": "fixed 1000000 usd_micros/1mo warn 80%"})
+    assert admin.acquire("{user:user_001}:rl", "spend-only", requests=0, costs={"usd_micros": 800_000}).allowed
     raw = free.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=10, extra_body={"fake": {}}
     )
@@ -138,4 +141,12 @@ def test_the_example_meters_tiers_streams_credits_warnings_and_degrades(standalo
         model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2000, extra_body={"fake": {}}
     )
     assert raw.parse().model == "gpt-4o-mini" and raw.headers["x-tollgate-plan"] == "pro-degraded"
+
+    # What a user sees of their standing (RL.USAGE: nothing charged by looking).
+    for _ in range(2):
+        standing = httpx.get(f"{example}/v1/usage", headers={"authorization": "Bearer key_free_001"}).json()
+    assert standing["plan"] == "free" and standing["credits"] == 75
+    assert standing["limits"]["rpm"]["used"] == 4 and standing["limits"]["rpm"]["limit"] == 10
+    assert standing["limits"]["ipm"]["used"] == 1 and standing["limits"]["jobs"]["used"] == 0
+    assert standing["limits"]["spend"]["used"] >= 800_000
     r.close()
