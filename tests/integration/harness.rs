@@ -35,8 +35,9 @@ pub fn module_path() -> PathBuf {
 }
 
 /// `$variable` if set (it must exist), else `file` of `package` built by
-/// `cargo build -p package` once per test process. A failed build fails every test
-/// that needs it, with cargo's output.
+/// `cargo build -p package` once per test process (the commands `make build` runs, so
+/// under `make test` they find everything up to date). A failed build fails every
+/// test that needs it, with cargo's output.
 fn artifact(
     variable: &str,
     built: &OnceLock<Result<PathBuf, String>>,
