@@ -16,6 +16,7 @@ DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 
 .PHONY: help deps valkey build release run stop cluster cluster-stop test test-scripts test-unit test-integration check fmt clippy bench bench-cluster clean
 .PHONY: test-python bench-python
+.PHONY: rls bench-rls
 
 help: ## List the targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -88,10 +89,11 @@ check: ## What CI runs: fmt check (first: fails fast), clippy -D warnings, then 
 	@$(MAKE) --no-print-directory clippy
 	@$(MAKE) --no-print-directory test
 
-bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches
+bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches (+ bench-python, bench-rls)
 	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
 	$(CARGO) bench -p tollgate-bench --bench decision -- --warm-up-time 1 --measurement-time 3
 	@$(MAKE) --no-print-directory bench-python
+	@$(MAKE) --no-print-directory bench-rls
 
 bench-cluster: release ## RL.ACQUIRE throughput on 1, 2 and 3 cluster primaries, and per-node cost
 	$(CARGO) run --release -p tollgate-bench -- cluster $(RELEASE_SO)
@@ -100,6 +102,15 @@ bench-python: release ## Python client overhead per decision; the example app's 
 	@py=$$(scripts/venv.sh clients/python/requirements-test.txt) && \
 	$$py -m pip install -q --no-build-isolation --no-deps --force-reinstall ./clients/python && \
 	cd clients/python/bench && $$py bench.py $(RELEASE_SO)
+
+rls: release ## Run tollgate-rls (Envoy rate limit service) on 127.0.0.1:8081 against `make run`'s server, config examples/rls
+	$(CARGO) build --release -p tollgate-rls
+	target/release/tollgate-rls --config-dir examples/rls --redis-url redis://127.0.0.1:$(PORT) \
+		--grpc-addr 127.0.0.1:8081 --http-addr 127.0.0.1:8080 --response-headers x-ratelimit,ietf
+
+bench-rls: release ## ShouldRateLimit decisions/s and p50/p99 with 1 and 3 descriptors vs the module directly
+	$(CARGO) build --release -p tollgate-rls --bins --examples
+	$(CARGO) run --release -p tollgate-rls --example bench -- $(RELEASE_SO)
 
 clean: stop ## Remove build output and run state
 	$(CARGO) clean

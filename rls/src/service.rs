@@ -507,6 +507,39 @@ impl Service {
         }
     }
 
+    /// The `RL.RELEASE` calls that settle the reservation `id` of a group at `costs`
+    /// (unit → actual; units not named stay as charged): one on the first key when
+    /// the group was one `ALSO` call, else one per key.
+    fn release_cmds(&self, g: &[Pair], id: &str, costs: &[(String, u64)]) -> Vec<Cmd> {
+        let release = |key: &str, units: &mut dyn Iterator<Item = &(String, u64)>| {
+            let mut cmd = redis::cmd("RL.RELEASE");
+            cmd.arg(key).arg(id);
+            let units: Vec<&(String, u64)> = units.collect();
+            if !units.is_empty() {
+                cmd.arg("COST");
+                for (u, c) in units {
+                    cmd.arg(u).arg(*c);
+                }
+            }
+            cmd
+        };
+        if g.len() == 1 || self.also_supported.load(Ordering::Relaxed) {
+            g.first()
+                .map(|first| release(&first.key, &mut costs.iter()))
+                .into_iter()
+                .collect()
+        } else {
+            g.iter()
+                .map(|p| {
+                    release(
+                        &p.key,
+                        &mut costs.iter().filter(|(u, _)| *u == p.rule.unit_id),
+                    )
+                })
+                .collect()
+        }
+    }
+
     /// Whether the server takes `ALSO` (an `RL.PEEK` of two of the group's keys).
     async fn probe_also(&self, group: &[Pair]) -> bool {
         let (Some(a), Some(b)) = (group.first(), group.get(1)) else {
@@ -536,7 +569,13 @@ impl Service {
         let id = reserve.unwrap_or((generated.as_str(), 10_000));
         let results = join_all(groups.iter().map(|g| {
             let charge = reserve.is_some() || g.iter().any(|p| p.cost > 0);
-            self.call_group(g, charge.then_some(id))
+            async move {
+                if charge {
+                    self.call_unit(g, Some(id)).await
+                } else {
+                    self.call_unit(g, None).await
+                }
+            }
         }))
         .await;
         let mut outcomes = Vec::new();
@@ -548,24 +587,19 @@ impl Service {
             .iter()
             .zip(&outcomes)
             .filter(|(g, o)| o.allowed && g.iter().any(|p| p.cost > 0 || reserve.is_some()))
-            .filter_map(|(g, _)| {
-                let first = g.first()?;
-                let mut cmd = redis::cmd("RL.RELEASE");
-                cmd.arg(&first.key).arg(id.0);
-                if !all {
-                    // Refund what this part charged: settle it at zero.
-                    cmd.arg("COST");
-                    let mut seen = HashSet::new();
-                    for p in g {
-                        if p.rule.rate.is_some() && seen.insert(p.rule.unit_id.clone()) {
-                            cmd.arg(&p.rule.unit_id).arg(0);
-                        }
-                    }
-                } else if reserve.is_some() {
-                    // The caller's reservation stays for its settlement.
-                    return None;
-                }
-                Some(cmd)
+            .filter(|_| !all || reserve.is_none())
+            .flat_map(|(g, _)| {
+                // Refund what a part charged (settle it at zero), or, when all were
+                // admitted, just free the bookkeeping of the generated id.
+                let costs: Vec<(String, u64)> = if all {
+                    Vec::new()
+                } else {
+                    g.iter()
+                        .filter(|p| p.rule.rate.is_some())
+                        .map(|p| (p.rule.unit_id.clone(), 0))
+                        .collect()
+                };
+                self.release_cmds(g, id.0, &costs)
             })
             .collect();
         if !all {
@@ -615,6 +649,112 @@ impl Service {
         groups.into_iter().map(|(_, g)| g).collect()
     }
 
+    /// Decides one group of same-slot pairs in one atomic step: one call (with
+    /// `ALSO` for several keys), or, on a server without `ALSO`, one script that peeks
+    /// every key and acquires them all only if every one admits.
+    async fn call_unit(
+        &self,
+        g: &[Pair],
+        reserve: Option<(&str, u64)>,
+    ) -> Result<Outcome, CallError> {
+        let charge = reserve.is_some() || g.iter().any(|p| p.cost > 0);
+        let id = if charge { reserve } else { None };
+        if g.len() > 1 && !self.also_supported.load(Ordering::Relaxed) {
+            return self.call_script(g, id).await;
+        }
+        let mut result = self.call_group(g, id).await;
+        if let Err(CallError::Redis(e)) = &result {
+            // A server without ALSO may read it as a COST unit and fail on what
+            // follows; ask it plainly whether it knows ALSO.
+            if g.len() > 1
+                && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                && !self.probe_also(g).await
+            {
+                result = Err(CallError::NoAlso);
+            }
+        }
+        match result {
+            Err(CallError::NoAlso) => {
+                tracing::warn!("the server has no RL.ACQUIRE ... ALSO: deciding several keys with a script (peek all, then acquire all)");
+                self.also_supported.store(false, Ordering::Relaxed);
+                self.call_script(g, id).await
+            }
+            other => other,
+        }
+    }
+
+    /// The no-`ALSO` path of [`Service::call_unit`]: atomic, as scripts are.
+    async fn call_script(&self, g: &[Pair], id: Option<(&str, u64)>) -> Result<Outcome, CallError> {
+        const SCRIPT: &str = r"
+local n = tonumber(ARGV[1])
+local id, ttl, peek_only = ARGV[3 * n + 2], ARGV[3 * n + 3], ARGV[3 * n + 4] == '1'
+local function args(i, name)
+  local a = {name, KEYS[i], ARGV[3 * i - 1]}
+  if ARGV[3 * i] ~= '' then
+    a[#a + 1] = 'COST'; a[#a + 1] = ARGV[3 * i]; a[#a + 1] = ARGV[3 * i + 1]
+  end
+  return a
+end
+local function allowed(r)
+  for j = 1, #r, 2 do if r[j] == 'allowed' then return r[j + 1] == 1 end end
+  return false
+end
+local peeks, all = {}, true
+for i = 1, n do
+  peeks[i] = redis.call(unpack(args(i, 'RL.PEEK')))
+  if not allowed(peeks[i]) then all = false end
+end
+if peek_only or not all then return {all and 1 or 0, peeks} end
+local out = {}
+for i = 1, n do
+  local a = args(i, 'RL.ACQUIRE')
+  if id ~= '' then a[#a + 1] = 'ID'; a[#a + 1] = id; a[#a + 1] = 'TTL'; a[#a + 1] = ttl end
+  out[i] = redis.call(unpack(a))
+end
+return {1, out}";
+        let peek_only = id.is_none() && g.iter().all(|p| p.cost == 0);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SCRIPT).arg(g.len());
+        for p in g {
+            cmd.arg(&p.key);
+        }
+        cmd.arg(g.len());
+        for p in g {
+            cmd.arg(&p.rule.plan);
+            if p.rule.rate.is_some() {
+                cmd.arg(&p.rule.unit_id).arg(p.cost);
+            } else {
+                cmd.arg("").arg(0);
+            }
+        }
+        let (id_text, ttl) = id.unwrap_or(("", 0));
+        cmd.arg(id_text)
+            .arg(ttl)
+            .arg(if peek_only { "1" } else { "0" });
+        let v = self.redis.query(&cmd).await?;
+        let bad = || CallError::Reply(format!("unexpected script reply {v:?}"));
+        let Value::Array(parts) = &v else {
+            return Err(bad());
+        };
+        let (Some(Value::Int(allowed)), Some(Value::Array(replies))) =
+            (parts.first(), parts.get(1))
+        else {
+            return Err(bad());
+        };
+        let allowed = *allowed == 1;
+        let mut states = Vec::new();
+        for r in replies.iter().take(g.len()) {
+            let d = Decision::parse(r).ok_or_else(bad)?;
+            let state = d.keys.into_iter().next().unwrap_or_default();
+            states.push((state, !allowed && !d.allowed));
+        }
+        Ok(Outcome {
+            allowed,
+            states,
+            shadow_over: false,
+        })
+    }
+
     async fn decide_main(
         &self,
         pairs: Vec<Pair>,
@@ -624,62 +764,17 @@ impl Service {
             return Ok((true, Vec::new()));
         }
         let groups = self.groups(pairs);
-        let single = groups.len() == 1;
-        let outcomes = match (single, groups.first()) {
-            (true, Some(g)) if g.len() == 1 || self.also_supported.load(Ordering::Relaxed) => {
-                let charge = reserve.is_some() || g.iter().any(|p| p.cost > 0);
-                let id = if charge { reserve } else { None };
-                let mut result = self.call_group(g, id).await;
-                if let Err(CallError::Redis(e)) = &result {
-                    // A server without ALSO may read it as a COST unit and fail on
-                    // what follows; ask it plainly whether it knows ALSO.
-                    if g.len() > 1
-                        && e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-                        && !self.probe_also(g).await
-                    {
-                        result = Err(CallError::NoAlso);
-                    }
-                }
-                match result {
-                    Ok(o) => vec![o],
-                    Err(CallError::NoAlso) => {
-                        tracing::warn!("the server has no RL.ACQUIRE ... ALSO: deciding descriptors in separate steps");
-                        self.also_supported.store(false, Ordering::Relaxed);
-                        let parts: Vec<Vec<Pair>> = g.iter().map(|p| vec![p.clone()]).collect();
-                        return self.finish_split(parts, reserve).await;
-                    }
-                    Err(e) => return Err(e),
-                }
+        let outcomes = if groups.len() == 1 {
+            match groups.first() {
+                Some(g) => vec![self.call_unit(g, reserve).await?],
+                None => Vec::new(),
             }
-            _ => {
-                let parts: Vec<Vec<Pair>> = if self.also_supported.load(Ordering::Relaxed) {
-                    groups
-                } else {
-                    groups.into_iter().flatten().map(|p| vec![p]).collect()
-                };
-                return self.finish_split(parts, reserve).await;
-            }
+        } else {
+            self.call_split(&groups, reserve).await?
         };
         let allowed = outcomes.iter().all(|o| o.allowed);
         let mut out = Vec::new();
         for (g, o) in groups.into_iter().zip(outcomes) {
-            for (p, (s, over)) in g.into_iter().zip(o.states) {
-                out.push((p, s, over));
-            }
-        }
-        Ok((allowed, out))
-    }
-
-    async fn finish_split(
-        &self,
-        parts: Vec<Vec<Pair>>,
-        reserve: Option<(&str, u64)>,
-    ) -> Result<(bool, Vec<(Pair, KeyState, bool)>), CallError> {
-        let outcomes = self.call_split(&parts, reserve).await?;
-        let allowed = outcomes.iter().all(|o| o.allowed);
-        let mut out = Vec::new();
-        for (g, o) in parts.into_iter().zip(outcomes) {
             for (p, (s, over)) in g.into_iter().zip(o.states) {
                 out.push((p, s, over));
             }
@@ -741,8 +836,6 @@ return allowed";
             } else {
                 HashMap::new()
             };
-            let mut cmd = redis::cmd("RL.RELEASE");
-            cmd.arg(&first.key).arg(id);
             let mut costs = Vec::new();
             for p in &group {
                 if p.rule.rate.is_none() {
@@ -765,15 +858,11 @@ return allowed";
                 };
                 costs.push((p.rule.unit_id.clone(), actual));
             }
-            if !costs.is_empty() {
-                cmd.arg("COST");
-                for (u, c) in &costs {
-                    cmd.arg(u).arg(*c);
+            for cmd in self.release_cmds(&group, id, &costs) {
+                let v = self.redis.query(&cmd).await?;
+                if !reply::released(&v) {
+                    tracing::debug!(id, key = %first.key, "settlement found no live reservation");
                 }
-            }
-            let v = self.redis.query(&cmd).await?;
-            if !reply::released(&v) {
-                tracing::debug!(id, key = %first.key, "settlement found no live reservation");
             }
         }
         Ok(())
