@@ -50,6 +50,12 @@ async fn a_request_the_route_limit_rejects_charges_neither_limit() {
     }
     assert_eq!(remaining(&mut c, "api", &[("user", "alice")]).await, 8);
     assert_eq!(remaining(&mut c, "api", &[("route", "/chat")]).await, 0);
+    // The module built from this source takes ALSO: one call decided each request.
+    assert!(
+        !rls.log().contains("the server has no RL.ACQUIRE ... ALSO"),
+        "{}",
+        rls.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
