@@ -16,6 +16,7 @@ mod budget;
 mod cli;
 mod cluster;
 mod credits;
+mod hierarchy;
 mod leases;
 mod operating;
 mod persistence;
