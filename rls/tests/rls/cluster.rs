@@ -89,7 +89,7 @@ async fn tenant_keys_share_a_slot_and_failover_is_survived() {
         .query(&mut live.client())
         .unwrap();
     let mut recovered = false;
-    for _ in 0..200 {
+    for _ in 0..400 {
         let r = ask(&mut c, check("acme")).await;
         if ok(&r) && r.statuses[0].current_limit.is_some() {
             assert!(r.statuses[0].limit_remaining <= 50);

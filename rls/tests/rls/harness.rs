@@ -85,11 +85,15 @@ impl Server {
 
     pub fn start_with(extra: &[&str]) -> Server {
         let dir = temp_dir("redis");
-        Server::launch(
-            dir,
-            free_port(),
-            extra.iter().map(|s| s.to_string()).collect(),
-        )
+        let cluster = extra.contains(&"--cluster-enabled");
+        let port = loop {
+            // A cluster node also listens on port + 10000 (its bus).
+            let p = free_port();
+            if !cluster || (p <= 55_535 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()) {
+                break p;
+            }
+        };
+        Server::launch(dir, port, extra.iter().map(|s| s.to_string()).collect())
     }
 
     fn launch(dir: PathBuf, port: u16, args: Vec<String>) -> Server {
@@ -114,13 +118,20 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start '{binary}': {e} (install redis-server)"));
-        let server = Server {
+        let mut server = Server {
             child: Some(child),
             port,
             dir,
             args,
         };
-        wait_until(20, "redis-server to answer PING", || server.ping());
+        wait_until(20, "redis-server to answer PING", || {
+            if let Some(Ok(Some(status))) = server.child.as_mut().map(|c| c.try_wait()) {
+                let log =
+                    std::fs::read_to_string(server.dir.join("server.log")).unwrap_or_default();
+                panic!("redis-server exited ({status}):\n{log}");
+            }
+            server.ping()
+        });
         server
     }
 
@@ -183,8 +194,10 @@ impl Cluster {
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
+                    // Long enough that a loaded machine does not fail nodes over by
+                    // itself; the failover test kills a primary outright.
                     "--cluster-node-timeout",
-                    "1500",
+                    "3000",
                 ])
             })
             .collect();
