@@ -1446,3 +1446,154 @@ fn a_cluster_decides_several_orgs_each_in_one_step_and_refuses_keys_of_two_slots
         assert_eq!(digests[0], digests[1], "shard {shard}: replica digest");
     }
 }
+
+#[test]
+fn each_pair_resolves_its_own_plan_and_fallback_while_the_other_levels_still_hold() {
+    let server = Server::start();
+    let mut con = server.client();
+    // The user's pro plan falls back to free; one `rpm` budget on the key (2, then 4).
+    int(&mut con, &["RL.PLAN.SET", "u-free", "rpm", "fixed 4/1d"]);
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "u-pro",
+            "rpm",
+            "fixed 2/1d",
+            "fallback",
+            "u-free",
+        ],
+    );
+    int(&mut con, &["RL.PLAN.SET", "o", "calls", "fixed 5/1d"]);
+    // The org's plan is assigned to its key: `*` resolves per key.
+    assert_eq!(string(&mut con, &["RL.ASSIGN", "{f}", "o"]), "OK");
+    let call = |con: &mut redis::Connection, user: &str| {
+        decision(con, &["RL.ACQUIRE", user, "u-pro", "ALSO", "1", "{f}", "*"])
+    };
+    let plans = |d: &Decision| {
+        let also = also_of(&d.fields);
+        (d.str("plan").unwrap(), also[0].plan.clone())
+    };
+    for expected in ["u-pro", "u-pro", "u-free", "u-free"] {
+        let d = call(&mut con, "{f}:user:1");
+        assert!(d.allowed());
+        assert_eq!(plans(&d), (expected.to_string(), "o".to_string()));
+    }
+    // The fallback does not escape the shared budget...
+    let d = call(&mut con, "{f}:user:1");
+    assert!(!d.allowed());
+    assert_eq!(d.str("denied_by").as_deref(), Some("rpm"));
+    assert_eq!(d.str("denied_key").as_deref(), Some("{f}:user:1"));
+    assert_eq!(
+        used(&mut con, "{f}", "o", "calls"),
+        4,
+        "the org was not charged"
+    );
+    // ...and the org's budget holds whatever plan a user ends up under.
+    assert!(call(&mut con, "{f}:user:2").allowed());
+    let d = call(&mut con, "{f}:user:2");
+    assert!(!d.allowed());
+    assert_eq!(d.str("denied_by").as_deref(), Some("calls"));
+    assert_eq!(d.str("denied_key").as_deref(), Some("{f}"));
+    assert_eq!(used(&mut con, "{f}:user:2", "u-pro", "rpm"), 1);
+    // INFO counts each call once, and the fallback admissions.
+    assert_eq!(info_counter(&mut con, "calls"), 7);
+    assert_eq!(info_counter(&mut con, "admitted"), 5);
+    assert_eq!(info_counter(&mut con, "fallback_admitted"), 2);
+}
+
+/// The scheme docs/commands.md gives for an org too hot for one shard: the org level
+/// in its own slot, decided in a step of its own before the user's levels, and given
+/// back when they deny.
+#[test]
+fn a_hot_org_decided_in_its_own_step_is_given_back_what_a_denied_call_took() {
+    let server = Server::start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "org",
+            "spend",
+            "fixed 100000 usd_micros/3650d",
+            "rpd",
+            "fixed 1000/3650d",
+        ],
+    );
+    int(&mut con, &["RL.PLAN.SET", "user", "rpm", "fixed 1/1d"]);
+    int(&mut con, &["RL.PLAN.SET", "apikey", "rpm", "fixed 10/1d"]);
+    let step = |con: &mut redis::Connection, user: &str, id: &str, usd: &str| -> bool {
+        let org = decision(
+            con,
+            &[
+                "RL.ACQUIRE",
+                "{acme}",
+                "org",
+                "COST",
+                "usd_micros",
+                usd,
+                "ID",
+                id,
+            ],
+        );
+        if !org.allowed() {
+            return false;
+        }
+        let users = decision(
+            con,
+            &[
+                "RL.ACQUIRE",
+                &format!("{{{user}}}:user"),
+                "user",
+                "ID",
+                id,
+                "ALSO",
+                "1",
+                &format!("{{{user}}}:key:k1"),
+                "apikey",
+            ],
+        );
+        if !users.allowed() {
+            let back = map_of(&run(
+                con,
+                &[
+                    "RL.RELEASE",
+                    "{acme}",
+                    id,
+                    "COST",
+                    "usd_micros",
+                    "0",
+                    "request",
+                    "0",
+                ],
+            ));
+            assert_eq!(back["released"], Value::Int(1));
+            return false;
+        }
+        true
+    };
+    assert!(step(&mut con, "acme:u1", "a", "30000"));
+    assert_eq!(used(&mut con, "{acme}", "org", "spend"), 30_000);
+    // u1's own rpm denies the second call: the org gets back what it took.
+    assert!(!step(&mut con, "acme:u1", "b", "30000"));
+    assert_eq!(used(&mut con, "{acme}", "org", "spend"), 30_000);
+    assert_eq!(used(&mut con, "{acme}", "org", "rpd"), 1);
+    // The org's budget still never overspends: 30,000 + 50,000 fit, 30,000 more not.
+    assert!(step(&mut con, "acme:u2", "c", "50000"));
+    assert!(!step(&mut con, "acme:u3", "d", "30000"));
+    assert_eq!(used(&mut con, "{acme}", "org", "spend"), 80_000);
+    assert_eq!(used(&mut con, "{acme:u3}:user", "user", "rpm"), 0);
+    // Settling: one release per slot, with the actual costs.
+    for (user, id) in [("acme:u1", "a"), ("acme:u2", "c")] {
+        run(
+            &mut con,
+            &["RL.RELEASE", "{acme}", id, "COST", "usd_micros", "10000"],
+        );
+        let released = map_of(&run(
+            &mut con,
+            &["RL.RELEASE", &format!("{{{user}}}:user"), id],
+        ));
+        assert_eq!(also_of(&released).len(), 1);
+    }
+    assert_eq!(used(&mut con, "{acme}", "org", "spend"), 20_000);
+}
