@@ -8,7 +8,6 @@ import os
 from contextlib import asynccontextmanager
 
 import httpx
-import redis.asyncio as redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -85,7 +84,7 @@ def identify(request: Request):
     return Subject(key=f"{{user:{user_id}}}:rl", plan=tier)
 
 
-limiter = AsyncLimiter(redis.from_url(REDIS_URL))
+limiter = AsyncLimiter.from_url(REDIS_URL)  # the client is made in the server's event loop
 auth = {"authorization": f"Bearer {UPSTREAM_KEY}"} if UPSTREAM_KEY else {}
 upstream = httpx.AsyncClient(base_url=UPSTREAM_URL, headers=auth, timeout=600)
 

@@ -226,3 +226,21 @@ async def test_the_readme_stream_pattern_settles_at_the_end_and_releases_when_dr
     await gen.aclose()
     after = await alimiter.peek(key, plan, requests=0)
     assert after.allowed and after.limit("tpm").remaining == 460
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_from_url_makes_its_client_at_first_use_and_closes_it(request: pytest.FixtureRequest, protocol: int) -> None:
+    for topology in ("standalone", "cluster"):
+        server = request.getfixturevalue(topology)
+        port = server.port if topology == "standalone" else server.ports[0]
+        limiter = AsyncLimiter.from_url(f"redis://127.0.0.1:{port}", cluster=topology == "cluster", protocol=protocol)
+        assert limiter._t._client is None  # nothing made yet
+        plan = uniq("plan")
+        await limiter.plans.set(plan, {"rpm": "sliding 100/1m"})
+        key = uniq("user")
+        decisions = await asyncio.gather(*(limiter.acquire(key, plan) for _ in range(20)))
+        assert sorted(d.limit("rpm").remaining for d in decisions) == list(range(80, 100))
+        made = limiter.client
+        await limiter.close()
+        if topology == "standalone":
+            assert not any(c.is_connected for c in made.connection_pool._available_connections)

@@ -72,7 +72,8 @@ class Tiers:
 
 
 def app_for(standalone, upstream, tiers: Tiers, identify=None, **kw: Any):
-    limiter = AsyncLimiter(aredis.Redis(port=standalone.port))
+    # The client is made by the limiter at first use, inside uvicorn's event loop.
+    limiter = AsyncLimiter.from_url(f"redis://127.0.0.1:{standalone.port}")
     return gateway(upstream.url, limiter=limiter, identify=identify or tiers.identify(), **kw)
 
 
@@ -301,7 +302,7 @@ def test_unreachable_redis_fails_closed_by_default_or_open_with_a_log_line(upstr
     caplog.set_level(logging.ERROR, logger="tollgate")
     for fail_open in (False, True):
         no_retry = Retry(NoBackoff(), 0)
-        limiter = AsyncLimiter(aredis.Redis(port=dead, socket_connect_timeout=0.5, retry=no_retry))
+        limiter = AsyncLimiter(lambda: aredis.Redis(port=dead, socket_connect_timeout=0.5, retry=no_retry))
         app = gateway(upstream.url, limiter=limiter, identify=tiers.identify(), fail_open=fail_open)
         with serve(app) as url:
             r = httpx.post(

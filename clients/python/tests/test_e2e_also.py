@@ -34,7 +34,7 @@ def test_an_org_limit_holds_across_its_users_through_the_middleware(standalone) 
 
     statuses: Dict[int, int] = {}
     denied_keys = set()
-    limiter = AsyncLimiter(aredis.Redis(port=standalone.port))
+    limiter = AsyncLimiter(lambda: aredis.Redis(port=standalone.port))
     try:
         with serve(gateway(upstream.url, limiter=limiter, identify=identify)) as url:
 

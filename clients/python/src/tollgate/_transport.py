@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from redis import exceptions as rex
 from redis.crc import key_slot
@@ -168,12 +168,40 @@ class SyncTransport:
 
 
 class AsyncTransport:
-    """Sends commands for `AsyncLimiter`."""
+    """Sends commands for `AsyncLimiter`. Takes a client, or a function that
+    makes one: called at the first command, inside the running event loop
+    (redis-py's asyncio pools bind to the loop that is current when they are
+    made on Python 3.9)."""
 
     def __init__(self, client: Any) -> None:
-        self.client = client
-        self.cluster = is_async_cluster(client)
+        self._factory: Optional[Callable[[], Any]] = None
+        self._client: Any = None
+        self._is_cluster: Optional[bool] = None
+        if callable(client) and not hasattr(client, "execute_command"):
+            self._factory = client
+        else:
+            self._client = client
+            self._is_cluster = is_async_cluster(client)
         self._wait_clients: Dict[str, Any] = {}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            assert self._factory is not None
+            self._client = self._factory()
+            self._is_cluster = is_async_cluster(self._client)
+        return self._client
+
+    @property
+    def cluster(self) -> bool:
+        if self._is_cluster is None:
+            self.client
+        return bool(self._is_cluster)
+
+    @property
+    def made(self) -> bool:
+        """True when the client was made here (from a factory)."""
+        return self._factory is not None and self._client is not None
 
     async def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:

@@ -114,14 +114,40 @@ class AsyncPlans:
 
 
 class AsyncLimiter:
-    """Tollgate over an asyncio redis-py client (see `Limiter`)."""
+    """Tollgate over an asyncio redis-py client (see `Limiter`).
+
+    `client` is a `redis.asyncio.Redis` or `RedisCluster`, or a function that
+    makes one when the limiter is first used (inside the running event loop:
+    what `from_url` does, and what a client shared with a server's event loop
+    needs on Python 3.9)."""
 
     def __init__(self, client: Any) -> None:
-        self.client = client
         self._t = AsyncTransport(client)
         self.credits = AsyncCredits(self._t)
         self.plans = AsyncPlans(self._t)
         self._background: "set[asyncio.Future[None]]" = set()
+
+    @classmethod
+    def from_url(cls, url: str, *, cluster: bool = False, **kwargs: Any) -> "AsyncLimiter":
+        """A limiter whose client (`redis.asyncio.from_url`, or
+        `RedisCluster.from_url` with `cluster=True`) is made at first use, in
+        the event loop that uses it; `close()` closes it."""
+
+        def make() -> Any:
+            if cluster:
+                from redis.asyncio.cluster import RedisCluster
+
+                return RedisCluster.from_url(url, **kwargs)
+            import redis.asyncio as aredis
+
+            return aredis.from_url(url, **kwargs)
+
+        return cls(make)
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (made now, if the limiter was given a factory)."""
+        return self._t.client
 
     async def acquire(
         self,
@@ -222,8 +248,12 @@ class AsyncLimiter:
             pass
 
     async def close(self) -> None:
-        """Close the WAIT connections this limiter opened (not the client)."""
+        """Close the WAIT connections this limiter opened, and the client if
+        the limiter made it (`from_url`, a factory); a client it was given is
+        left open."""
         await self._t.close()
+        if self._t.made:
+            await self._t.client.aclose()
 
 
 class AsyncReservation:
