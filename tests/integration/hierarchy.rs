@@ -1597,3 +1597,47 @@ fn a_hot_org_decided_in_its_own_step_is_given_back_what_a_denied_call_took() {
     }
     assert_eq!(used(&mut con, "{acme}", "org", "spend"), 20_000);
 }
+
+#[test]
+fn notifications_name_the_first_key_for_a_denial_and_each_key_that_crossed_its_warning() {
+    let server = Server::start();
+    let mut con = server.client();
+    assert_eq!(
+        string(&mut con, &["CONFIG", "SET", "notify-keyspace-events", "Ed"]),
+        "OK"
+    );
+    int(&mut con, &["RL.PLAN.SET", "u", "rpd", "fixed 10/1d"]);
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "o", "calls", "fixed 2/1d warn 50%"],
+    );
+    let mut sub_con = server.client();
+    let mut pubsub = sub_con.as_pubsub();
+    pubsub
+        .subscribe(&["__keyevent@0__:rl.denied", "__keyevent@0__:rl.warn"])
+        .unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let call = ["RL.ACQUIRE", "{n}:u", "u", "ALSO", "1", "{n}", "o"];
+    assert!(decision(&mut con, &call).allowed());
+    assert!(decision(&mut con, &call).allowed());
+    let denied = decision(&mut con, &call);
+    assert_eq!(denied.str("denied_key").as_deref(), Some("{n}"));
+    let mut events = Vec::new();
+    for _ in 0..2 {
+        let msg = pubsub.get_message().unwrap();
+        let payload: String = msg.get_payload().unwrap();
+        events.push((msg.get_channel_name().to_string(), payload));
+    }
+    assert_eq!(
+        events,
+        [
+            ("__keyevent@0__:rl.warn".to_string(), "{n}".to_string()),
+            ("__keyevent@0__:rl.denied".to_string(), "{n}:u".to_string()),
+        ]
+    );
+    assert_eq!(info_counter(&mut con, "calls"), 3);
+    assert_eq!(info_counter(&mut con, "denied"), 1);
+    assert_eq!(info_counter(&mut con, "requests_in_flight"), 0);
+}
