@@ -241,7 +241,10 @@ impl Ctx {
             raw::REDISMODULE_READ
         };
         let ptr = api!(RedisModule_OpenKey(self.0, name, mode as c_int) else ptr::null_mut());
-        Key { ptr: ptr.cast() }
+        Key {
+            ptr: ptr.cast(),
+            held: std::cell::Cell::new(None),
+        }
     }
 }
 
@@ -286,9 +289,12 @@ pub enum KeyKind {
     Other,
 }
 
-/// An open key; closed on drop.
+/// An open key; closed on drop. What the key holds is looked up once (type and
+/// value pointer) and remembered until the handle changes it.
 pub struct Key {
     ptr: *mut raw::RedisModuleKey,
+    /// The type looked up, what the key held, and its value pointer.
+    held: std::cell::Cell<Option<(*mut raw::RedisModuleType, KeyKind, *mut c_void)>>,
 }
 
 impl Drop for Key {
@@ -304,28 +310,40 @@ fn type_ptr(ty: &RedisType) -> *mut raw::RedisModuleType {
 }
 
 impl Key {
-    pub fn kind<T: ModuleValue>(&self) -> KeyKind {
-        if self.ptr.is_null() {
-            return KeyKind::Empty;
+    /// What the key holds, and the value pointer when it is a `T`.
+    fn look_up<T: ModuleValue>(&self) -> (KeyKind, *mut c_void) {
+        let ty = type_ptr(T::redis_type());
+        if let Some((cached_ty, kind, value)) = self.held.get() {
+            if cached_ty == ty {
+                return (kind, value);
+            }
         }
-        let kind = api!(RedisModule_KeyType(self.ptr) else raw::REDISMODULE_KEYTYPE_EMPTY as c_int);
-        if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
-            KeyKind::Empty
-        } else if kind == raw::REDISMODULE_KEYTYPE_MODULE as c_int
-            && api!(RedisModule_ModuleTypeGetType(self.ptr) else ptr::null_mut())
-                == type_ptr(T::redis_type())
-        {
-            KeyKind::Ours
+        let (kind, value) = if self.ptr.is_null() {
+            (KeyKind::Empty, ptr::null_mut())
         } else {
-            KeyKind::Other
-        }
+            let kind =
+                api!(RedisModule_KeyType(self.ptr) else raw::REDISMODULE_KEYTYPE_EMPTY as c_int);
+            if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
+                (KeyKind::Empty, ptr::null_mut())
+            } else if kind == raw::REDISMODULE_KEYTYPE_MODULE as c_int
+                && api!(RedisModule_ModuleTypeGetType(self.ptr) else ptr::null_mut()) == ty
+            {
+                let value = api!(RedisModule_ModuleTypeGetValue(self.ptr) else ptr::null_mut());
+                (KeyKind::Ours, value)
+            } else {
+                (KeyKind::Other, ptr::null_mut())
+            }
+        };
+        self.held.set(Some((ty, kind, value)));
+        (kind, value)
+    }
+
+    pub fn kind<T: ModuleValue>(&self) -> KeyKind {
+        self.look_up::<T>().0
     }
 
     fn raw_value<T: ModuleValue>(&self) -> *mut T {
-        if self.kind::<T>() != KeyKind::Ours {
-            return ptr::null_mut();
-        }
-        api!(RedisModule_ModuleTypeGetValue(self.ptr) else ptr::null_mut()).cast::<T>()
+        self.look_up::<T>().1.cast::<T>()
     }
 
     /// The value, if the key holds a `T`.
@@ -348,6 +366,7 @@ impl Key {
     /// so set the expiry afterwards).
     pub fn set_value<T: ModuleValue>(&mut self, value: Box<T>) -> bool {
         let raw_value = Box::into_raw(value);
+        self.held.set(None);
         let ok = api!(RedisModule_ModuleTypeSetValue(self.ptr, type_ptr(T::redis_type()), raw_value.cast::<c_void>()) else 1);
         if ok != raw::REDISMODULE_OK as c_int {
             // SAFETY: Redis did not take ownership; we still own the allocation.
@@ -373,6 +392,7 @@ impl Key {
     }
 
     pub fn delete(&mut self) {
+        self.held.set(None);
         api!(RedisModule_DeleteKey(self.ptr) else 0);
     }
 }

@@ -81,9 +81,7 @@ impl Change {
             subject.purge_expired(t);
         }
         if let Some(limits) = self.limits {
-            subject.updated_ms = limits.updated_ms;
-            subject.layout = limits.layout;
-            subject.words = limits.words;
+            subject.set_limits(limits.updated_ms, limits.layout, &limits.words);
         }
         if let Some(id) = self.removed {
             if let Some(extra) = subject.extra.as_deref_mut() {
@@ -238,8 +236,8 @@ impl<'a> Delta<'a> {
             v => return bad(format!("unknown payload version {v}")),
         };
         let mut tracked = Tracked {
-            layout: current.map(|s| Arc::clone(&s.layout)),
-            updated_ms: current.map_or(0, |s| s.updated_ms),
+            layout: current.map(|s| Arc::clone(s.layout())),
+            updated_ms: current.map_or(0, Subject::updated_ms),
         };
         let mut ops = Vec::new();
         let mut expiry = KeyExpiry::Keep;
@@ -308,8 +306,8 @@ impl<'a> Delta<'a> {
                 }
                 Op::Advance(advance) => tracked.updated_ms = advance.0,
                 Op::Full(s) => {
-                    tracked.layout = Some(Arc::clone(&s.layout));
-                    tracked.updated_ms = s.updated_ms;
+                    tracked.layout = Some(Arc::clone(s.layout()));
+                    tracked.updated_ms = s.updated_ms();
                 }
                 _ => {}
             }
@@ -325,16 +323,19 @@ impl<'a> Delta<'a> {
                 Op::Full(s) => *subject = *s,
                 Op::Layout(limits) => {
                     let (updated_ms, layout, words) = *limits;
-                    subject.updated_ms = updated_ms;
-                    subject.layout = layout;
-                    subject.words = words;
+                    subject.set_limits(updated_ms, layout, &words);
                 }
                 Op::Advance(advance) => {
                     let (updated_ms, slots) = *advance;
                     subject.normalize(updated_ms);
-                    for (i, words) in slots {
-                        subject.slot_words_mut(i).copy_from_slice(&words);
-                    }
+                    let layout = Arc::clone(subject.layout());
+                    subject.update_words(|all| {
+                        for (i, words) in slots {
+                            if let Some(slot) = all.get_mut(layout.range(i)) {
+                                slot.copy_from_slice(&words);
+                            }
+                        }
+                    });
                 }
                 Op::Purge(now) => {
                     subject.purge_expired(now);

@@ -282,10 +282,11 @@ enum View<'s> {
     },
 }
 
-/// Words borrowed from the subject, or converted from another shape of the budget.
+/// Words borrowed from the subject, or converted from another shape of the budget
+/// (rare: on the heap).
 enum Cow<'s> {
     Borrowed(&'s [u64]),
-    Owned(Words),
+    Owned(Vec<u64>),
 }
 
 impl Cow<'_> {
@@ -297,31 +298,49 @@ impl Cow<'_> {
     }
 }
 
+/// A subject as a decision reads it: its state, with its words unpacked once.
+struct Held<'s> {
+    subject: &'s Subject,
+    words: Words,
+}
+
+impl<'s> Held<'s> {
+    fn new(subject: Option<&'s Subject>) -> Option<Held<'s>> {
+        subject.map(|subject| Held {
+            subject,
+            words: subject.words(),
+        })
+    }
+
+    fn slot(&self, i: usize) -> &[u64] {
+        self.words
+            .get(self.subject.layout().range(i))
+            .unwrap_or(&[])
+    }
+}
+
 /// The subject's words for `limit`'s budget, in the limit's shape: borrowed when the
 /// subject counts the budget that way, converted (conservatively) when it counts it
-/// another way, `None` when it holds no usage of it. With the instant they are
-/// normalized to.
-fn budget_words<'s>(limit: &Limit, plan: &Plan, subject: &'s Subject, now: u64) -> Option<Cow<'s>> {
+/// another way, `None` when it holds no usage of it.
+fn budget_words<'h>(limit: &Limit, plan: &Plan, held: &'h Held<'_>, now: u64) -> Option<Cow<'h>> {
     let shape = limit.shape()?;
-    if let Some(i) = limit
-        .slot
-        .filter(|_| Arc::ptr_eq(&subject.layout, &plan.layout))
-    {
-        return Some(Cow::Borrowed(subject.slot_words(i)));
+    let layout = held.subject.layout();
+    if let Some(i) = limit.slot.filter(|_| Arc::ptr_eq(layout, &plan.layout)) {
+        return Some(Cow::Borrowed(held.slot(i)));
     }
-    let i = subject.layout.find_budget(&limit.name, &limit.spec.unit)?;
-    let slot = subject.layout.slots().get(i)?;
+    let i = layout.find_budget(&limit.name, &limit.spec.unit)?;
+    let slot = layout.slots().get(i)?;
     if slot.shape == shape {
-        return Some(Cow::Borrowed(subject.slot_words(i)));
+        return Some(Cow::Borrowed(held.slot(i)));
     }
-    let mut words: Words = smallvec::smallvec![0; shape.words()];
+    let mut words = vec![0; shape.words()];
     let rate = match limit.spec.rule {
         Rule::Bucket { rate, .. } => rate,
         _ => 1,
     };
     carry_over(
-        (slot.shape, subject.slot_words(i)),
-        subject.updated_ms,
+        (slot.shape, held.slot(i)),
+        held.subject.updated_ms(),
         (shape, rate),
         now,
         &mut words,
@@ -329,11 +348,12 @@ fn budget_words<'s>(limit: &Limit, plan: &Plan, subject: &'s Subject, now: u64) 
     Some(Cow::Owned(words))
 }
 
-fn view<'s>(plan: &Plan, limit: &Limit, subject: Option<&'s Subject>, now: u64) -> View<'s> {
-    let found = subject.and_then(|s| Some((s, budget_words(limit, plan, s, now)?)));
+fn view<'h>(plan: &Plan, limit: &Limit, held: Option<&'h Held<'_>>, now: u64) -> View<'h> {
+    let subject = held.map(|h| h.subject);
+    let found = held.and_then(|h| Some((h.subject, budget_words(limit, plan, h, now)?)));
     // Converted words are normalized to `now` already.
     let updated = match &found {
-        Some((s, Cow::Borrowed(_))) => s.updated_ms,
+        Some((s, Cow::Borrowed(_))) => s.updated_ms(),
         _ => now,
     };
     let words = found.map_or(Cow::Borrowed(&[]), |(_, w)| w);
@@ -588,9 +608,10 @@ fn evaluate(
     // One pass computes each limit's view, admission and standing as if the call is
     // admitted (the common case); a denied call recomputes its standings uncharged.
     let mut outcomes = Outcomes::new();
+    let held = Held::new(subject);
     for (index, limit) in applicable(plan, call.endpoint) {
         let cost = cost_for(limit, call);
-        let v = view(plan, limit, subject, now);
+        let v = view(plan, limit, held.as_ref(), now);
         let this = admission(&v, cost, now, limit, subject);
         if this.is_later_than(admission_all) {
             denied_by = Some(Denial::Limit(index));
@@ -617,12 +638,13 @@ fn standing(
     all: bool,
     now: u64,
 ) -> Outcomes {
+    let held = Held::new(subject);
     plan.limits
         .iter()
         .enumerate()
         .filter(|(_, l)| all || l.applies_to(endpoint))
         .map(|(index, limit)| {
-            let v = view(plan, limit, subject, now);
+            let v = view(plan, limit, held.as_ref(), now);
             outcome(index, limit, &v, 0, now, now, subject)
         })
         .collect()
@@ -847,12 +869,12 @@ pub struct Committed {
 /// expired at `now` freed — what the subject holds once a change purges them — and
 /// whether any request expired.
 fn base_words(subject: &Subject, now: u64) -> (Words, bool) {
-    let mut words = subject.words.clone();
-    normalize_words(&subject.layout, &mut words, subject.updated_ms, now);
+    let mut words = subject.words();
+    normalize_words(subject.layout(), &mut words, subject.updated_ms(), now);
     let mut purged = false;
     if let Some(requests) = subject.requests() {
         for request in requests.expired(now) {
-            subject::free_leases(&subject.layout, &mut words, request);
+            subject::free_leases(subject.layout(), &mut words, request);
             purged = true;
         }
     }
@@ -982,7 +1004,7 @@ fn charge(
                 .map_err(|_| ChargeError::TooManySlots)?;
             (layout, words, false)
         }
-        Some(s) => (Arc::clone(&s.layout), base.clone(), true),
+        Some(s) => (Arc::clone(s.layout()), base.clone(), true),
         None => (Arc::clone(&plan.layout), base.clone(), false),
     };
     let mut leases = Vec::new();
@@ -1157,7 +1179,7 @@ pub fn settle(
         return Err(why_not_live(subject, id, now));
     };
     let (base, purged) = base_words(subject, now);
-    let layout = &subject.layout;
+    let layout = subject.layout();
     let mut words = base.clone();
     subject::free_leases(layout, &mut words, request);
     for charge in &request.charges {

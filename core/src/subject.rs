@@ -1,6 +1,8 @@
 //! The accounting state of one subject (the value of one subject key).
 //!
-//! - `layout` names the counters and `words` holds them (see [`crate::layout`]);
+//! - `layout` names the counters and `words` holds them (see [`crate::layout`]),
+//!   packed as varints in the subject's own allocation ([`Packed`]): most counters
+//!   are small, so a 3-limit subject fits 64 bytes where plain words took 160;
 //! - `updated_ms` is the latest instant the state was brought to — the clock's
 //!   high-water mark for this subject: calls are decided at
 //!   `max(server clock, updated_ms)`, so a clock stepping back never admits more;
@@ -30,10 +32,13 @@ use crate::time::MAX_INSTANT_MS;
 /// requests no bucket marks or links, and a budget could have two shapes.
 pub const ENCODING_VERSION: u8 = 2;
 
-/// Words kept inside the subject's own allocation: enough for the usual plans (a
-/// sliding window of 10 slices and a fixed window take 12), so a call touches one
-/// allocation, not two. Larger layouts spill to the heap.
-pub const INLINE_WORDS: usize = 16;
+/// Words a subject's state is unpacked into for a call (on the stack for the usual
+/// plans: a sliding window of 10 slices, a fixed window and a bucket take 17).
+pub const INLINE_WORDS: usize = 24;
+
+/// Packed bytes kept inside the subject's own allocation: enough for the usual plans,
+/// so a subject is one 64-byte allocation; larger states spill to the heap.
+pub const PACKED_INLINE: usize = 32;
 
 /// Highest id sequence number; generated ids wrap around before it.
 pub const MAX_SEQ: u64 = 1 << 62;
@@ -83,11 +88,73 @@ impl Extra {
     }
 }
 
+/// A subject's words, packed: one LEB128 varint per word, slot by slot, except a
+/// bucket's last-update instant, kept as its (zigzag) distance back from
+/// `updated_ms` — usually one byte. Canonical: equal words pack to equal bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Packed(smallvec::SmallVec<[u8; PACKED_INLINE]>);
+
+impl Packed {
+    fn pack(layout: &Layout, updated_ms: u64, words: &[u64]) -> Packed {
+        let mut w = crate::codec::Writer::with_buffer(Vec::new());
+        let mut bytes = smallvec::SmallVec::new();
+        for (i, slot) in layout.slots().iter().enumerate() {
+            for (j, &word) in words.get(layout.range(i)).unwrap_or(&[]).iter().enumerate() {
+                let word = match (slot.shape, j) {
+                    (Shape::Bucket { .. }, 0) => zigzag(i128::from(updated_ms) - i128::from(word)),
+                    _ => word,
+                };
+                w.buf.clear();
+                w.varint(word);
+                bytes.extend_from_slice(&w.buf);
+            }
+        }
+        Packed(bytes)
+    }
+
+    fn unpack(&self, layout: &Layout, updated_ms: u64) -> Words {
+        let mut words = Words::with_capacity(layout.words());
+        let mut r = Reader::new(&self.0);
+        for slot in layout.slots() {
+            for j in 0..slot.shape.words() {
+                // Packed by `pack` for this layout: a read cannot fail.
+                let word = r.varint().unwrap_or(0);
+                words.push(match (slot.shape, j) {
+                    (Shape::Bucket { .. }, 0) => unzigzag(updated_ms, word),
+                    _ => word,
+                });
+            }
+        }
+        words
+    }
+
+    /// Heap bytes held beyond the subject's allocation.
+    fn heap_bytes(&self) -> usize {
+        if self.0.spilled() {
+            self.0.capacity()
+        } else {
+            0
+        }
+    }
+}
+
+/// A distance as an unsigned varint: 0, -1, 1, -2, ... → 0, 1, 2, 3, ...
+fn zigzag(d: i128) -> u64 {
+    let d = d.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+/// The instant `updated_ms - d` for a zigzagged distance `d`.
+fn unzigzag(updated_ms: u64, z: u64) -> u64 {
+    let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    u64::try_from(i128::from(updated_ms) - i128::from(d)).unwrap_or(0)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
-    pub layout: Arc<Layout>,
-    pub updated_ms: u64,
-    pub words: Words,
+    layout: Arc<Layout>,
+    updated_ms: u64,
+    packed: Packed,
     pub extra: Option<Box<Extra>>,
 }
 
@@ -130,22 +197,50 @@ pub fn normalize_words(layout: &Layout, words: &mut [u64], updated: u64, now: u6
 impl Subject {
     /// A subject with every counter of `layout` at zero, as of `now`.
     pub fn new(layout: Arc<Layout>, now: u64) -> Subject {
-        let words = smallvec::smallvec![0; layout.words()];
+        let updated_ms = now.min(MAX_INSTANT_MS);
+        let words: Words = smallvec::smallvec![0; layout.words()];
         Subject {
+            packed: Packed::pack(&layout, updated_ms, &words),
             layout,
-            updated_ms: now.min(MAX_INSTANT_MS),
-            words,
+            updated_ms,
             extra: None,
         }
     }
 
-    pub fn slot_words(&self, slot: usize) -> &[u64] {
-        self.words.get(self.layout.range(slot)).unwrap_or(&[])
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
     }
 
-    pub fn slot_words_mut(&mut self, slot: usize) -> &mut [u64] {
-        let range = self.layout.range(slot);
-        self.words.get_mut(range).unwrap_or(&mut [])
+    /// The latest instant the state was brought to.
+    pub fn updated_ms(&self) -> u64 {
+        self.updated_ms
+    }
+
+    /// The state words (unpacked: a copy).
+    pub fn words(&self) -> Words {
+        self.packed.unpack(&self.layout, self.updated_ms)
+    }
+
+    /// The words of slot `slot` (a copy).
+    pub fn slot_words(&self, slot: usize) -> Words {
+        self.words()
+            .get(self.layout.range(slot))
+            .map(Words::from_slice)
+            .unwrap_or_default()
+    }
+
+    /// Replaces the limit part: the instant, the layout and its words.
+    pub fn set_limits(&mut self, updated_ms: u64, layout: Arc<Layout>, words: &[u64]) {
+        self.packed = Packed::pack(&layout, updated_ms, words);
+        self.layout = layout;
+        self.updated_ms = updated_ms;
+    }
+
+    /// Changes the words in place (`f` gets them unpacked).
+    pub fn update_words(&mut self, f: impl FnOnce(&mut [u64])) {
+        let mut words = self.words();
+        f(&mut words);
+        self.packed = Packed::pack(&self.layout, self.updated_ms, &words);
     }
 
     pub fn requests(&self) -> Option<&Requests> {
@@ -191,8 +286,10 @@ impl Subject {
 
     /// Brings every slot from `updated_ms` to `now` (`now >= updated_ms`).
     pub fn normalize(&mut self, now: u64) {
-        normalize_words(&self.layout, &mut self.words, self.updated_ms, now);
-        self.updated_ms = now;
+        let mut words = self.words();
+        normalize_words(&self.layout, &mut words, self.updated_ms, now);
+        let layout = Arc::clone(&self.layout);
+        self.set_limits(now, layout, &words);
     }
 
     /// Removes requests expired at `now`, freeing their leases.
@@ -212,7 +309,11 @@ impl Subject {
 
     /// Takes one off each concurrency count the request held a lease in.
     pub fn free_leases(&mut self, request: &Request) {
-        free_leases(&self.layout, &mut self.words, request);
+        if request.leases.is_empty() {
+            return;
+        }
+        let layout = Arc::clone(&self.layout);
+        self.update_words(|words| free_leases(&layout, words, request));
     }
 
     /// Whether every slot of `plan` is present here in the same shape.
@@ -285,12 +386,10 @@ impl Subject {
             .map(|e| e.keep_until)
             .filter(|&k| k > 0);
         let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry).max(keep);
+        let words = self.words();
         for (i, slot) in self.layout.slots().iter().enumerate() {
-            latest = latest.max(slot_idle_at(
-                slot.shape,
-                self.slot_words(i),
-                self.updated_ms,
-            ));
+            let w = words.get(self.layout.range(i)).unwrap_or(&[]);
+            latest = latest.max(slot_idle_at(slot.shape, w, self.updated_ms));
         }
         latest.map_or(Expiry::Idle, Expiry::At)
     }
@@ -300,7 +399,7 @@ impl Subject {
     pub fn encode(&self, w: &mut Writer) {
         w.varint(self.updated_ms);
         self.layout.encode(w);
-        for &word in self.words.iter() {
+        for &word in self.words().iter() {
             w.varint(word);
         }
         match self.extra.as_deref() {
@@ -417,9 +516,9 @@ impl Subject {
         };
         r.finish()?;
         let mut subject = Subject {
+            packed: Packed::pack(&layout, updated_ms, &words),
             layout,
             updated_ms,
-            words,
             extra,
         };
         subject.repair();
@@ -461,27 +560,28 @@ impl Subject {
                 }
             }
         }
+        let mut words = self.words();
         for (i, slot) in layout.slots().iter().enumerate() {
             if slot.shape != Shape::Concurrency {
                 continue;
             }
             let want = counts.get(i).copied().unwrap_or(0);
-            if let Some(count) = self.slot_words_mut(i).first_mut() {
+            if let Some(count) = words.get_mut(layout.range(i)).and_then(|w| w.first_mut()) {
                 if *count != want {
                     *count = want;
                     changed = true;
                 }
             }
         }
+        if changed {
+            self.set_limits(self.updated_ms, layout, &words);
+        }
         changed
     }
 
     /// Approximate heap bytes held (for `MEMORY USAGE`).
     pub fn mem_usage(&self) -> usize {
-        let mut bytes = std::mem::size_of::<Subject>();
-        if self.words.spilled() {
-            bytes += self.words.capacity() * 8;
-        }
+        let mut bytes = std::mem::size_of::<Subject>() + self.packed.heap_bytes();
         if let Some(extra) = self.extra.as_deref() {
             bytes += std::mem::size_of::<Extra>() + extra.assigned.as_deref().map_or(0, str::len);
             for (id, request) in extra.requests.iter() {
@@ -621,10 +721,15 @@ mod tests {
 
     fn relayout(s: &mut Subject, p: &Plan, interner: &mut LayoutInterner) {
         let (layout, words) = s
-            .layout_for(p, &s.words, s.updated_ms, interner)
+            .layout_for(p, &s.words(), s.updated_ms(), interner)
             .unwrap_or_else(|_| unreachable!());
-        s.layout = layout;
-        s.words = words;
+        s.set_limits(s.updated_ms(), layout, &words);
+    }
+
+    /// Runs `f` on the words of slot `i`.
+    fn with_slot(s: &mut Subject, i: usize, f: impl FnOnce(&mut [u64])) {
+        let range = s.layout().range(i);
+        s.update_words(|w| f(&mut w[range]));
     }
 
     #[test]
@@ -635,7 +740,7 @@ mod tests {
             &mut interner,
         );
         let mut s = Subject::new(Arc::clone(&a.layout), 1_000);
-        s.words.copy_from_slice(&[3, 7]);
+        s.update_words(|w| w.copy_from_slice(&[3, 7]));
         // A plan sharing `daily`, changing `rpm`'s window and adding `tpm`.
         let b = plan(
             &[
@@ -646,15 +751,14 @@ mod tests {
             &mut interner,
         );
         relayout(&mut s, &b, &mut interner);
-        let names: Vec<&str> = s.layout.slots().iter().map(|s| &*s.name).collect();
+        let names: Vec<&str> = s.layout().slots().iter().map(|s| &*s.name).collect();
         // One budget, one slot: `rpm`'s 3 carry into the 1-second window.
         assert_eq!(names, ["rpm", "daily", "tpm"]);
-        assert_eq!(&s.words[..2], &[3, 7]);
+        assert_eq!(&s.words()[..2], &[3, 7]);
         assert!(s.holds_all_of(&b));
         // A foreign busy budget (another unit) stays beside the plan's.
         let c = plan(&[("rpm", "fixed 10 token/1s")], &mut interner);
-        s.slot_words_mut(2)
-            .copy_from_slice(&[1_000, 5_000, 0, 5, 0]);
+        with_slot(&mut s, 2, |w| w.copy_from_slice(&[1_000, 5_000, 0, 5, 0]));
         relayout(&mut s, &c, &mut interner);
         let names: Vec<(&str, &str)> = s
             .layout
@@ -681,11 +785,13 @@ mod tests {
         let sliding = plan(&[("rpm", "sliding 10/1m precision 6")], &mut interner);
         let t0 = 6_000_000;
         let mut s = Subject::new(Arc::clone(&sliding.layout), t0);
-        Slices {
-            window_ms: 60_000,
-            precision: 6,
-        }
-        .charge(s.slot_words_mut(0), t0, 4);
+        with_slot(&mut s, 0, |w| {
+            Slices {
+                window_ms: 60_000,
+                precision: 6,
+            }
+            .charge(w, t0, 4)
+        });
         s.normalize(t0 + 25_000);
         let bucket = plan(&[("rpm", "bucket 10/1m")], &mut interner);
         relayout(&mut s, &bucket, &mut interner);
@@ -695,7 +801,7 @@ mod tests {
             window_ms: 60_000,
             burst: 10,
         };
-        let debt = b.debt_at(s.slot_words(0), t0 + 25_000);
+        let debt = b.debt_at(&s.slot_words(0), t0 + 25_000);
         assert_eq!(b.remaining(debt), 6);
         assert_eq!(b.reset_ms(debt), 24_000);
     }
@@ -706,7 +812,7 @@ mod tests {
         let a = plan(&[("jobs", "concurrency 2")], &mut interner);
         let b = plan(&[("jobs", "fixed 5/1m")], &mut interner);
         let mut s = Subject::new(Arc::clone(&a.layout), 0);
-        s.words[0] = 1;
+        s.update_words(|w| w[0] = 1);
         s.extra_mut().requests.insert(
             b"r",
             Request {
@@ -719,9 +825,9 @@ mod tests {
         );
         relayout(&mut s, &b, &mut interner);
         // `jobs` in requests and `jobs` in leases are two budgets: both kept.
-        assert_eq!(s.layout.len(), 2);
-        assert_eq!(s.layout.lease_slot("jobs"), Some(1));
-        assert_eq!(s.slot_words(1), &[1]);
+        assert_eq!(s.layout().len(), 2);
+        assert_eq!(s.layout().lease_slot("jobs"), Some(1));
+        assert_eq!(&s.slot_words(1)[..], &[1]);
     }
 
     #[test]
@@ -732,13 +838,16 @@ mod tests {
             let name = format!("c{i}");
             let p = plan(&[(&name, "concurrency 5")], &mut interner);
             relayout(&mut s, &p, &mut interner);
-            let slot = s.layout.lease_slot(&name).unwrap_or_else(|| unreachable!());
-            s.slot_words_mut(slot)[0] = 1;
+            let slot = s
+                .layout()
+                .lease_slot(&name)
+                .unwrap_or_else(|| unreachable!());
+            with_slot(&mut s, slot, |w| w[0] = 1);
         }
         let p = plan(&[("one-more", "concurrency 5")], &mut interner);
         let before = s.clone();
         assert_eq!(
-            s.layout_for(&p, &s.words, 0, &mut interner).map(|_| ()),
+            s.layout_for(&p, &s.words(), 0, &mut interner).map(|_| ()),
             Err(TooManySlots)
         );
         assert_eq!(s, before);
@@ -755,8 +864,8 @@ mod tests {
             interner,
         );
         let mut s = Subject::new(Arc::clone(&p.layout), 60_000);
-        s.words[0] = 2;
-        s.slot_words_mut(3)[0] = 1;
+        s.update_words(|w| w[0] = 2);
+        with_slot(&mut s, 3, |w| w[0] = 1);
         let extra = s.extra_mut();
         extra.assigned = Some("gold".into());
         extra.next_seq = 9;
@@ -806,7 +915,8 @@ mod tests {
             w.into_inner()
         };
         let mut late = sample(&mut interner);
-        late.updated_ms = u64::MAX - 5;
+        let (layout, words) = (Arc::clone(late.layout()), late.words());
+        late.set_limits(u64::MAX - 5, layout, &words);
         assert!(Subject::decode(&encode(&late), &mut interner, ENCODING_VERSION).is_err());
         let mut seq = sample(&mut interner);
         seq.extra_mut().next_seq = u64::MAX;
@@ -824,7 +934,7 @@ mod tests {
             &mut interner,
         );
         let mut damaged = Subject::new(Arc::clone(&p.layout), 0);
-        damaged.words.copy_from_slice(&[1, 3]);
+        damaged.update_words(|w| w.copy_from_slice(&[1, 3]));
         damaged.extra_mut().requests.insert(
             b"r1",
             Request {
@@ -848,7 +958,7 @@ mod tests {
         let mut w = Writer::new();
         damaged.encode(&mut w);
         let loaded = Subject::decode(&w.into_inner(), &mut interner, ENCODING_VERSION);
-        assert_eq!(loaded.as_ref().map(|l| l.slot_words(1)), Ok(&[1][..]));
+        assert_eq!(loaded.as_ref().map(|l| l.slot_words(1)[0]), Ok(1));
         let leases = loaded.ok().and_then(|l| {
             l.requests()
                 .and_then(|t| t.get(b"r2"))
@@ -858,10 +968,48 @@ mod tests {
     }
 
     #[test]
-    fn a_subject_fits_one_160_byte_allocation() {
-        // One jemalloc size class holds the header and 16 inline words; growing the
-        // struct costs every subject in memory.
-        assert_eq!(std::mem::size_of::<Subject>(), 160);
+    fn a_subject_fits_one_64_byte_allocation() {
+        // One jemalloc size class holds the header and the packed words of the usual
+        // plans; growing the struct costs every subject in memory.
+        assert_eq!(std::mem::size_of::<Subject>(), 64);
+    }
+
+    #[test]
+    fn a_three_limit_subject_packs_inline_and_round_trips() {
+        let mut interner = LayoutInterner::new();
+        let p = plan(
+            &[
+                ("rpm", "sliding 100000000/1m"),
+                ("rpd", "fixed 1000000000/1d"),
+                ("tpm", "bucket 1000000000 token/1m"),
+            ],
+            &mut interner,
+        );
+        let now = 1_763_769_600_123;
+        let mut s = Subject::new(Arc::clone(&p.layout), now);
+        with_slot(&mut s, 0, |w| w[3] = 1);
+        with_slot(&mut s, 1, |w| w[0] = 1);
+        with_slot(&mut s, 2, |w| {
+            Bucket {
+                rate: 1_000_000_000,
+                window_ms: 60_000,
+                burst: 1_000_000_000,
+            }
+            .charge(w, now, 100)
+        });
+        assert!(
+            s.packed.heap_bytes() == 0,
+            "{} bytes packed",
+            s.packed.0.len()
+        );
+        let words = s.words();
+        assert_eq!(
+            words.get(12),
+            Some(&now),
+            "the bucket's instant survives packing"
+        );
+        s.normalize(now + 5);
+        assert_eq!(s.words().get(12), Some(&now));
     }
 
     #[test]
@@ -869,7 +1017,7 @@ mod tests {
         let mut interner = LayoutInterner::new();
         let p = plan(&[("jobs", "concurrency 2")], &mut interner);
         let mut s = Subject::new(Arc::clone(&p.layout), 0);
-        s.words[0] = 1;
+        s.update_words(|w| w[0] = 1);
         s.extra_mut().requests.insert(
             b"a",
             Request {
@@ -882,7 +1030,7 @@ mod tests {
         );
         assert_eq!(s.purge_expired(9), 0);
         assert_eq!(s.purge_expired(10), 1);
-        assert_eq!(s.words[0], 0);
+        assert_eq!(s.words()[0], 0);
         assert_eq!(s.ended(b"a"), Some(Ended::Expired));
         for i in 0..ENDED_KEPT {
             s.extra_mut()

@@ -193,7 +193,7 @@ fn shadow_mode_admits_and_charges_but_reports_the_denial() {
     assert_eq!(r.denied_by(), None);
     assert_eq!(r.decision.parts[0].denial_name(), Some("rpm"));
     assert_eq!(r.remaining("rpm"), 0);
-    assert_eq!(h.subject.as_ref().map(|s| s.words[0]), Some(2));
+    assert_eq!(h.subject.as_ref().map(|s| s.words()[0]), Some(2));
 }
 
 #[test]
@@ -473,6 +473,6 @@ fn refilled_buckets_of_other_plans_do_not_pile_up() {
         assert!(h.acquire(&name, 1).allowed(), "call {i}");
         h.advance(i * 1_000);
     }
-    let held = h.subject.as_ref().map_or(0, |s| s.layout.len());
+    let held = h.subject.as_ref().map_or(0, |s| s.layout().len());
     assert!(held <= 2, "the subject holds {held} slots");
 }
