@@ -89,8 +89,8 @@ fn count_denial(stats: &mut Stats, d: &Decision) {
 }
 
 /// The keys of a call beyond its first share its cluster slot, and the caller may
-/// write them (Redis checks only the declared first key).
-fn check_extra_keys(ctx: &Ctx, parsed: &CallArgs<'_>) -> Result<(), CmdError> {
+/// write them (read them, for a PEEK): Redis checks only the declared first key.
+fn check_extra_keys(ctx: &Ctx, parsed: &CallArgs<'_>, charge: bool) -> Result<(), CmdError> {
     let extra: SmallVec<[RawString; 4]> = parsed
         .also
         .iter()
@@ -108,7 +108,7 @@ fn check_extra_keys(ctx: &Ctx, parsed: &CallArgs<'_>) -> Result<(), CmdError> {
             ));
         }
     }
-    if extra.iter().any(|&k| !ctx.may_write_key(k)) {
+    if extra.iter().any(|&k| !ctx.may_access_key(k, charge)) {
         return Err(CmdError::Reply(
             "NOPERM this user has no permissions to access one of the keys used as arguments"
                 .into(),
@@ -156,7 +156,7 @@ pub fn attempt(
         ..
     } = state;
     let settings = crate::config::settings();
-    check_extra_keys(ctx, parsed)?;
+    check_extra_keys(ctx, parsed, charge)?;
     let names = parsed.keys();
     let mut keys: SmallVec<[Key; 4]> = SmallVec::new();
     for &name in &names {
@@ -198,6 +198,13 @@ pub fn attempt(
         })
         .collect();
     let mut decision = decide::decide(plans, &pairs, &call, credits_arg, clock, &settings);
+    if charge && parsed.compact && call.id.is_none() && decision.takes_request {
+        // The integer reply has no room for a generated id: without it the lease
+        // could not be released.
+        return Err(CmdError::err(
+            "COMPACT needs an ID when a plan holds leases (the reply cannot carry a generated id)",
+        ));
+    }
     let requested: SmallVec<[&_; 4]> = resolved.iter().collect();
     let by_fallback = decision.by_fallback(&requested);
     if decision.replayed {

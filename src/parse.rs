@@ -6,7 +6,7 @@
 //! see `tollgate_core::plan::RESERVED_UNITS`).
 
 use tollgate_core::decide::{Call, Costs};
-use tollgate_core::requests::MAX_ID_LEN;
+use tollgate_core::requests::{MAX_ID_LEN, MAX_LINK_LEN};
 use tollgate_core::spec::DEFAULT_UNIT;
 use tollgate_core::time::MAX_WINDOW_MS;
 
@@ -358,6 +358,11 @@ fn parse_also<'a>(
     }
     for n in 0..count {
         let key = args.raw(first + 2 * n).ok_or(CmdError::WrongArity)?;
+        if bytes_of(key).len() > MAX_LINK_LEN {
+            return Err(CmdError::err(format_args!(
+                "an ALSO key may be at most {MAX_LINK_LEN} bytes"
+            )));
+        }
         let plan = args.str(first + 2 * n + 1, "ALSO plan")?;
         also.push((key, plan));
     }

@@ -132,11 +132,13 @@ pub fn decision(ctx: &Ctx, d: &Decision, shown: Shown<'_>) {
     map.send(ctx);
 }
 
-/// `[allowed, retry_after_ms, denying limit index or -1, then remaining and reset_ms
-/// of every limit of every part in plan order]`; a limit that does not apply to the
-/// call's endpoint shows -1, -1.
+/// `[allowed, retry_after_ms, denying limit index or -1, then for every pair (first
+/// key, then ALSO pairs): the fallbacks taken (0: the plan asked for), and remaining
+/// and reset_ms of each limit of the plan that decided, in RL.PLAN.GET order]`; a
+/// limit that does not apply to the call's endpoint shows -1, -1. The denying index
+/// counts limits across pairs.
 fn compact(ctx: &Ctx, d: &Decision, allowed: bool) {
-    let total: usize = d.parts.iter().map(|p| p.plan.limits.len()).sum();
+    let total: usize = d.parts.iter().map(|p| 1 + 2 * p.plan.limits.len()).sum();
     let mut denied_index = -1i64;
     if let Some(i) = d.denied_part() {
         let before: usize = d.parts.iter().take(i).map(|p| p.plan.limits.len()).sum();
@@ -146,11 +148,12 @@ fn compact(ctx: &Ctx, d: &Decision, allowed: bool) {
             denied_index = i64::try_from(before + limit).unwrap_or(-1);
         }
     }
-    ctx.reply_array(3 + 2 * total);
+    ctx.reply_array(3 + total);
     ctx.reply_integer(i64::from(allowed));
     ctx.reply_integer(d.retry_after_ms());
     ctx.reply_integer(denied_index);
     for part in &d.parts {
+        ctx.reply_integer(i64::from(part.hops));
         let mut outcomes = part.outcomes.iter().peekable();
         for index in 0..part.plan.limits.len() {
             match outcomes.next_if(|o| o.limit == index) {

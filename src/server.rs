@@ -219,6 +219,12 @@ impl Ctx {
     /// check itself because the command does not declare it). True where the server
     /// cannot say (no ACL API, or no user: replication, AOF, timers).
     pub fn may_write_key(&self, name: RawString) -> bool {
+        self.may_access_key(name, true)
+    }
+
+    /// Whether the calling user's ACL lets it read (and, with `write`, update) key
+    /// `name`; see [`Ctx::may_write_key`].
+    pub fn may_access_key(&self, name: RawString, write: bool) -> bool {
         let user_name = api!(RedisModule_GetCurrentUserName(self.0) else ptr::null_mut());
         if user_name.is_null() {
             return true;
@@ -228,7 +234,11 @@ impl Ctx {
         if user.is_null() {
             return true;
         }
-        let flags = raw::REDISMODULE_CMD_KEY_ACCESS | raw::REDISMODULE_CMD_KEY_UPDATE;
+        let flags = if write {
+            raw::REDISMODULE_CMD_KEY_ACCESS | raw::REDISMODULE_CMD_KEY_UPDATE
+        } else {
+            raw::REDISMODULE_CMD_KEY_ACCESS
+        };
         let status = api!(RedisModule_ACLCheckKeyPermissions(user, name, flags as c_int) else raw::REDISMODULE_OK as c_int);
         api!(RedisModule_FreeModuleUser(user) else ());
         status == raw::REDISMODULE_OK as c_int

@@ -31,11 +31,15 @@ use crate::parse::{CallArgs, CostList};
 use crate::server::{api, bytes_of, Ctx, HeldString, RawString};
 use crate::state::{KeyId, State, STATE};
 
-/// What a blocked client carries: its call, owned, and its place in the queues.
+/// What a blocked client carries: its call, owned, and its place in the queue.
 struct Waiter {
-    /// The subject keys, first key first, and their ids.
+    /// The subject keys, first key first, and their ids (any of them wakes it).
     keys: Vec<HeldString>,
     key_ids: Vec<KeyId>,
+    /// The queue it has a place in: its first key's. (Waiters of different first keys
+    /// that share an ALSO key do not queue behind each other there: one user waiting
+    /// for its own limit must not hold up the rest of its organisation.)
+    queue: [KeyId; 1],
     place: Place,
     plans: Vec<String>,
     request: Option<u64>,
@@ -121,8 +125,9 @@ pub fn acquire_or_wait(
 ) -> Result<(), CmdError> {
     let names = parsed.keys();
     let key_ids: Vec<KeyId> = names.iter().map(|&k| key_id(ctx, k)).collect();
-    // Waiters ahead of this call keep their turn: it queues behind them.
-    let queued = key_ids.iter().any(|k| state.waiters.has_waiters(k));
+    let queue = [key_ids.first().cloned().unwrap_or_default()];
+    // Waiters ahead of this call on its first key keep their turn: it queues behind.
+    let queued = state.waiters.has_waiters(&queue[0]);
     if !queued {
         let attempted = attempt(ctx, state, parsed, true)?;
         if settled(&attempted) {
@@ -157,6 +162,7 @@ pub fn acquire_or_wait(
             .map(|&k| held(bytes_of(k)))
             .collect::<Result<_, _>>()?,
         key_ids: key_ids.clone(),
+        queue: queue.clone(),
         place: (0, 0),
         plans: parsed.plans().iter().map(|p| p.to_string()).collect(),
         request: parsed.costs.request,
@@ -176,7 +182,7 @@ pub fn acquire_or_wait(
         compact: parsed.compact,
         has_also: parsed.has_also,
     };
-    let place = state.waiters.enqueue(&key_ids, parsed.priority, deadline);
+    let place = state.waiters.enqueue(&queue, parsed.priority, deadline);
     let waiter = Waiter { place, ..waiter };
     state.stats.waits_blocked += 1;
     let mut keys = waiter.raw_keys();
@@ -194,7 +200,7 @@ pub fn acquire_or_wait(
     if blocked.is_null() {
         // SAFETY: Redis did not take the private data; we still own it.
         drop(unsafe { Box::from_raw(privdata) });
-        state.waiters.remove(&key_ids, place);
+        state.waiters.remove(&queue, place);
         return Err(CmdError::err("this client cannot block here"));
     }
     // Whatever is ahead may already be able to go; and refills need a timer.
@@ -289,7 +295,7 @@ unsafe extern "C" fn on_ready(
             return done;
         };
         let served = STATE.with(|state| {
-            if !state.waiters.heads_all(&waiter.key_ids, waiter.place) {
+            if !state.waiters.heads_all(&waiter.queue, waiter.place) {
                 return false;
             }
             waiter.with_call(|call| {
@@ -298,7 +304,7 @@ unsafe extern "C" fn on_ready(
                     Err(e) => {
                         replying.set(true);
                         reply_error(&ctx, &e);
-                        state.waiters.remove(&waiter.key_ids, waiter.place);
+                        state.waiters.remove(&waiter.queue, waiter.place);
                         wake_now(&ctx, &waiter.key_ids);
                         return true;
                     }
@@ -310,7 +316,7 @@ unsafe extern "C" fn on_ready(
                     attempted.record(&ctx, &mut state.stats, &waiter.raw_keys());
                     replying.set(true);
                     attempted.reply(&ctx, call, false);
-                    state.waiters.remove(&waiter.key_ids, waiter.place);
+                    state.waiters.remove(&waiter.queue, waiter.place);
                     // The next in line may fit too.
                     wake_now(&ctx, &waiter.key_ids);
                     return true;
@@ -352,7 +358,7 @@ unsafe extern "C" fn on_timeout(
             return;
         };
         let replied = STATE.with(|state| {
-            state.waiters.remove(&waiter.key_ids, waiter.place);
+            state.waiters.remove(&waiter.queue, waiter.place);
             state.stats.waits_timed_out += 1;
             waiter.with_call(|call| match attempt(&ctx, state, call, false) {
                 Ok(attempted) => {
@@ -402,7 +408,7 @@ unsafe extern "C" fn free_waiter(ctx: *mut raw::RedisModuleCtx, data: *mut c_voi
     let waiter = unsafe { Box::from_raw(data.cast::<Waiter>()) };
     let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let _ = STATE.with(|state| {
-            if state.waiters.remove(&waiter.key_ids, waiter.place) && !ctx.is_null() {
+            if state.waiters.remove(&waiter.queue, waiter.place) && !ctx.is_null() {
                 // It left the queue by disconnecting: whoever is next may go. This
                 // context has no client (so no selected db) to signal with: a timer has.
                 for key in &waiter.key_ids {

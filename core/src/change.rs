@@ -84,9 +84,10 @@ impl Change {
             subject.set_limits(limits.updated_ms, limits.layout, &limits.words);
         }
         if let Some(id) = self.removed {
+            let subject_now = subject.updated_ms();
             if let Some(extra) = subject.extra.as_deref_mut() {
                 extra.requests.remove(&id);
-                extra.record_end(&id, Ended::Released);
+                extra.record_end(&id, Ended::Released, subject_now);
             }
         }
         if let Some((id, request)) = self.put {
@@ -342,9 +343,10 @@ impl<'a> Delta<'a> {
                 }
                 Op::Put(id, request) => subject.extra_mut().requests.insert(id, request),
                 Op::Remove(id) => {
+                    let now = subject.updated_ms();
                     if let Some(extra) = subject.extra.as_deref_mut() {
                         extra.requests.remove(id);
-                        extra.record_end(id, Ended::Released);
+                        extra.record_end(id, Ended::Released, now);
                     }
                 }
                 Op::Seq(seq) => subject.extra_mut().next_seq = seq,

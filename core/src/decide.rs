@@ -146,6 +146,8 @@ pub enum Denial {
 pub struct Part {
     /// The plan that decided (differs from the requested one after a fallback).
     pub plan: Arc<Plan>,
+    /// How many fallbacks from the requested plan `plan` is (0: the plan asked for).
+    pub hops: u8,
     /// The instant this subject was decided at.
     pub now: u64,
     /// Whether and when its limits admit the call.
@@ -565,16 +567,29 @@ fn outcome(
     }
 }
 
-/// The TTL of the request a call would register under `plan`.
-fn request_ttl(plan: &Plan, call: &Call<'_>, settings: &Settings) -> u64 {
+/// The largest lease TTL of `plan`'s concurrency limits that apply to `call`, if any.
+fn lease_ttl(plan: &Plan, call: &Call<'_>, settings: &Settings) -> Option<u64> {
+    plan.limits
+        .iter()
+        .filter(|l| l.applies_to(call.endpoint))
+        .filter_map(|l| match l.spec.rule {
+            Rule::Concurrency { ttl_ms, .. } => Some(ttl_ms.unwrap_or(settings.default_ttl_ms)),
+            _ => None,
+        })
+        .max()
+}
+
+/// The TTL of the request a call registers under `plans` (one per pair): the call's
+/// `TTL`, else the largest TTL of their concurrency limits, else the default. A pair
+/// without leases does not stretch the others'.
+fn request_ttl<'p>(
+    plans: impl Iterator<Item = &'p Plan>,
+    call: &Call<'_>,
+    settings: &Settings,
+) -> u64 {
     call.ttl_ms.unwrap_or_else(|| {
-        plan.limits
-            .iter()
-            .filter(|l| l.applies_to(call.endpoint))
-            .filter_map(|l| match l.spec.rule {
-                Rule::Concurrency { ttl_ms, .. } => Some(ttl_ms.unwrap_or(settings.default_ttl_ms)),
-                _ => None,
-            })
+        plans
+            .filter_map(|p| lease_ttl(p, call, settings))
             .max()
             .unwrap_or(settings.default_ttl_ms)
     })
@@ -621,6 +636,7 @@ fn evaluate(
     }
     Part {
         plan: Arc::clone(plan),
+        hops: 0,
         now,
         admission: admission_all,
         denied_by,
@@ -659,22 +675,22 @@ fn decide_pair(
     pair: &Pair<'_>,
     call: &Call<'_>,
     clock_ms: u64,
-    settings: &Settings,
-) -> (Part, u64) {
+    ttl_ms: u64,
+) -> Part {
     let now = pair
         .subject
         .map_or(clock_ms.min(crate::time::MAX_INSTANT_MS), |s| {
             s.effective_now(clock_ms)
         });
-    let ttl = request_ttl(pair.plan, call, settings);
-    let part = evaluate(pair.plan, pair.subject, call, now, now.saturating_add(ttl));
+    let lease_until = now.saturating_add(ttl_ms);
+    let part = evaluate(pair.plan, pair.subject, call, now, lease_until);
     if part.admitted {
-        return (part, ttl);
+        return part;
     }
     let mut next = pair.plan.fallback.as_deref();
     // A loop (only concurrent merges on two primaries can make one) ends the walk.
     let mut tried: SmallVec<[&str; 4]> = smallvec::smallvec![&*pair.plan.name];
-    for _ in 0..MAX_FALLBACK_DEPTH {
+    for hops in 1..=MAX_FALLBACK_DEPTH {
         let Some(plan) = next
             .filter(|name| !tried.contains(name))
             .and_then(|name| plans.get(name))
@@ -682,14 +698,16 @@ fn decide_pair(
             break;
         };
         tried.push(&plan.name);
-        let ttl = request_ttl(plan, call, settings);
-        let fallback = evaluate(plan, pair.subject, call, now, now.saturating_add(ttl));
+        let fallback = evaluate(plan, pair.subject, call, now, lease_until);
         if fallback.admitted {
-            return (fallback, ttl);
+            return Part {
+                hops: u8::try_from(hops).unwrap_or(u8::MAX),
+                ..fallback
+            };
         }
         next = plan.fallback.as_deref();
     }
-    (part, ttl)
+    part
 }
 
 /// Decides `call` over `pairs` (the first key, then its `ALSO` pairs) at `clock_ms`,
@@ -709,13 +727,12 @@ pub fn decide(
         return replay;
     }
     let mut parts: SmallVec<[Part; 1]> = SmallVec::new();
-    let mut ttl_ms = 0;
+    let asked = request_ttl(pairs.iter().map(|p| &**p.plan), call, settings);
     let mut takes_request = call.id.is_some();
     let mut admission_all = Admission::Now;
     let mut denied = None;
     for (i, pair) in pairs.iter().enumerate() {
-        let (part, ttl) = decide_pair(plans, pair, call, clock_ms, settings);
-        ttl_ms = ttl_ms.max(ttl);
+        let part = decide_pair(plans, pair, call, clock_ms, asked);
         takes_request |= part.plan.has_concurrency();
         if !part.admitted {
             if part.admission.is_later_than(admission_all) || denied.is_none() {
@@ -735,10 +752,19 @@ pub fn decide(
         None if credits.is_some_and(|c| c.balance < c.amount) => Verdict::Credits,
         None => Verdict::Admitted,
     };
+    // The lease TTL of the plans that decided (a fallback may count leases otherwise).
+    let ttl_ms = request_ttl(parts.iter().map(|p| &*p.plan), call, settings);
     if verdict != Verdict::Admitted {
         // A denied call reports how every pair stands, uncharged.
         for (part, pair) in parts.iter_mut().zip(pairs) {
             part.outcomes = standing(&part.plan, pair.subject, call.endpoint, false, part.now);
+        }
+    } else if ttl_ms != asked {
+        // Report each lease's reset as the lease it will be.
+        for (part, pair) in parts.iter_mut().zip(pairs) {
+            let lease_until = part.now.saturating_add(ttl_ms);
+            part.outcomes =
+                evaluate(&part.plan, pair.subject, call, part.now, lease_until).outcomes;
         }
     }
     Decision {
@@ -750,6 +776,21 @@ pub fn decide(
         credits,
         replayed: false,
     }
+}
+
+/// How many fallbacks from `from` the plan named `to` is (0 if not on its chain).
+fn hops_to(plans: &Plans, from: &Plan, to: &str) -> u8 {
+    let mut plan = from;
+    for hops in 0..=MAX_FALLBACK_DEPTH {
+        if &*plan.name == to {
+            return u8::try_from(hops).unwrap_or(u8::MAX);
+        }
+        match plan.fallback.as_deref().and_then(|f| plans.get(f)) {
+            Some(next) => plan = next,
+            None => break,
+        }
+    }
+    0
 }
 
 /// The decision a retried call gets: its live request's, with each limit as it
@@ -775,6 +816,7 @@ fn replay(
                 .and_then(|r| plans.get(&r.plan))
                 .unwrap_or(pair.plan);
             Part {
+                hops: hops_to(plans, pair.plan, &plan.name),
                 plan: Arc::clone(plan),
                 now,
                 admission: Admission::Now,
@@ -836,6 +878,7 @@ pub fn usage(
     let now = subject.map_or(clock_ms, |s| s.effective_now(clock_ms));
     Part {
         plan: Arc::clone(plan),
+        hops: 0,
         now,
         admission: Admission::Now,
         denied_by: None,
@@ -1153,7 +1196,7 @@ fn why_not_live(subject: Option<&Subject>, id: &[u8], now: u64) -> NotReleased {
     {
         return NotReleased::Expired;
     }
-    match subject.ended(id) {
+    match subject.ended(id, now) {
         Some(Ended::Released) => NotReleased::Released,
         Some(Ended::Expired) => NotReleased::Expired,
         None => NotReleased::Unknown,

@@ -637,6 +637,13 @@ impl Plans {
             return Ok((0, None));
         }
         if fields.is_empty() || kept.is_empty() {
+            if self.default_plan() == Some(name) {
+                // `*` would resolve to nothing: the default must move first.
+                return Err(plan_error(
+                    name,
+                    "is the default plan: set another default (RL.PLAN.DEFAULT) first",
+                ));
+            }
             let stamp = self.next_stamp(author, name)?;
             let change = Change::Plan {
                 name: name.into(),

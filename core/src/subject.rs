@@ -46,6 +46,9 @@ pub const MAX_SEQ: u64 = 1 << 62;
 /// How many ended requests a subject remembers (so a repeated release can say why
 /// it released nothing).
 pub const ENDED_KEPT: usize = 8;
+/// How long an ended request is remembered (and keeps its key alive): long enough
+/// for a client to retry a release whose reply it lost.
+pub const ENDED_REMEMBERED_MS: u64 = 60_000;
 
 /// A subject's state words.
 pub type Words = smallvec::SmallVec<[u64; INLINE_WORDS]>;
@@ -67,8 +70,9 @@ pub struct Extra {
     pub next_seq: u64,
     /// The key must not expire before this instant: clients are waiting on it.
     pub keep_until: u64,
-    /// The last requests that ended, newest last.
-    pub ended: VecDeque<(Box<[u8]>, Ended)>,
+    /// The last requests that ended, newest last, each with the instant it is
+    /// forgotten.
+    pub ended: VecDeque<(Box<[u8]>, Ended, u64)>,
 }
 
 impl Extra {
@@ -79,12 +83,14 @@ impl Extra {
             && self.ended.is_empty()
     }
 
-    /// Remembers that request `id` ended.
-    pub fn record_end(&mut self, id: &[u8], how: Ended) {
+    /// Remembers that request `id` ended at `now` (forgetting what was due by then).
+    pub fn record_end(&mut self, id: &[u8], how: Ended, now: u64) {
+        self.ended.retain(|(_, _, until)| *until > now);
         if self.ended.len() >= ENDED_KEPT {
             self.ended.pop_front();
         }
-        self.ended.push_back((Box::from(id), how));
+        self.ended
+            .push_back((Box::from(id), how, now.saturating_add(ENDED_REMEMBERED_MS)));
     }
 }
 
@@ -260,15 +266,15 @@ impl Subject {
         self.extra.as_deref().and_then(|e| e.assigned.as_deref())
     }
 
-    /// How request `id` ended, if this subject remembers it.
-    pub fn ended(&self, id: &[u8]) -> Option<Ended> {
+    /// How request `id` ended, if this subject still remembers it at `now`.
+    pub fn ended(&self, id: &[u8], now: u64) -> Option<Ended> {
         self.extra
             .as_deref()?
             .ended
             .iter()
             .rev()
-            .find(|(e, _)| &**e == id)
-            .map(|(_, how)| *how)
+            .find(|(e, _, until)| &**e == id && *until > now)
+            .map(|(_, how, _)| *how)
     }
 
     /// Drops `extra` when it holds nothing.
@@ -301,7 +307,7 @@ impl Subject {
             .and_then(|e| e.requests.pop_expired(now))
         {
             self.free_leases(&request);
-            self.extra_mut().record_end(&id, Ended::Expired);
+            self.extra_mut().record_end(&id, Ended::Expired, now);
             purged += 1;
         }
         purged
@@ -385,7 +391,15 @@ impl Subject {
             .as_deref()
             .map(|e| e.keep_until)
             .filter(|&k| k > 0);
-        let mut latest: Option<u64> = self.requests().and_then(Requests::last_expiry).max(keep);
+        let ended = self
+            .extra
+            .as_deref()
+            .and_then(|e| e.ended.iter().map(|(_, _, until)| *until).max());
+        let mut latest: Option<u64> = self
+            .requests()
+            .and_then(Requests::last_expiry)
+            .max(keep)
+            .max(ended);
         let words = self.words();
         for (i, slot) in self.layout.slots().iter().enumerate() {
             let w = words.get(self.layout.range(i)).unwrap_or(&[]);
@@ -417,12 +431,13 @@ impl Subject {
                 w.varint(extra.keep_until);
                 extra.requests.encode(w);
                 w.varint(extra.ended.len() as u64);
-                for (id, how) in &extra.ended {
+                for (id, how, until) in &extra.ended {
                     w.bytes(id);
                     w.u8(match how {
                         Ended::Released => 1,
                         Ended::Expired => 2,
                     });
+                    w.varint(*until);
                 }
             }
         }
@@ -501,7 +516,11 @@ impl Subject {
                             2 => Ended::Expired,
                             t => return bad(format!("bad ended tag {t}")),
                         };
-                        ended.push_back((Box::from(id), how));
+                        let until = r.varint()?;
+                        if until > MAX_EXPIRY_MS {
+                            return bad("ended request instant out of range");
+                        }
+                        ended.push_back((Box::from(id), how, until));
                     }
                 }
                 Some(Box::new(Extra {
@@ -595,7 +614,7 @@ impl Subject {
             bytes += extra
                 .ended
                 .iter()
-                .map(|(id, _)| id.len() + 32)
+                .map(|(id, _, _)| id.len() + 40)
                 .sum::<usize>();
         }
         bytes
@@ -884,7 +903,7 @@ mod tests {
                 links: vec![Box::from(&b"{o}:team"[..])],
             },
         );
-        extra.record_end(b"r0", Ended::Released);
+        extra.record_end(b"r0", Ended::Released, 60_000);
         s
     }
 
@@ -1031,11 +1050,21 @@ mod tests {
         assert_eq!(s.purge_expired(9), 0);
         assert_eq!(s.purge_expired(10), 1);
         assert_eq!(s.words()[0], 0);
-        assert_eq!(s.ended(b"a"), Some(Ended::Expired));
+        assert_eq!(s.ended(b"a", 10), Some(Ended::Expired));
+        assert_eq!(s.expiry(), Expiry::At(10 + ENDED_REMEMBERED_MS));
+        assert_eq!(
+            s.ended(b"a", 10 + ENDED_REMEMBERED_MS),
+            None,
+            "forgotten in time"
+        );
         for i in 0..ENDED_KEPT {
             s.extra_mut()
-                .record_end(format!("x{i}").as_bytes(), Ended::Released);
+                .record_end(format!("x{i}").as_bytes(), Ended::Released, 11);
         }
-        assert_eq!(s.ended(b"a"), None, "only the last {ENDED_KEPT} are kept");
+        assert_eq!(
+            s.ended(b"a", 11),
+            None,
+            "only the last {ENDED_KEPT} are kept"
+        );
     }
 }

@@ -1,62 +1,79 @@
 //! `RL.RELEASE` and `RL.TOUCH`: ending and extending in-flight requests (leases and
 //! reservations), settling estimates against actual costs — on the call's first key
 //! and on every key the same call charged (`ALSO`).
+//!
+//! Both work in two steps: first every change is computed and every key it reaches
+//! checked, then all are written, so a command that fails changes nothing.
 
-use tollgate_core::decide::{self, NotReleased, Part};
+use std::sync::Arc;
+
+use tollgate_core::change::Change;
+use tollgate_core::decide::{self, Part};
+use tollgate_core::keyslot::key_slot;
 use tollgate_core::limits::Admission;
+use tollgate_core::plan::Plans;
 use tollgate_core::subject::Subject;
 
 use crate::args::{Args, CmdError, CmdResult};
 use crate::parse::parse_release;
 use crate::reply::{self, Released};
-use crate::server::{Ctx, HeldString, RawString};
-use crate::state::{State, STATE};
+use crate::server::{bytes_of, Ctx, HeldString, Key, KeyKind, RawString};
+use crate::state::STATE;
 use crate::store::{open, write_subject};
 
 fn busy(e: &str) -> CmdError {
     CmdError::err(e)
 }
 
-/// What releasing a request on one key did.
-struct ReleasedOne {
-    /// Its plan and limits after settlement (`None` if the plan is gone).
-    part: Option<Part>,
-    plan: Box<str>,
-    /// The other keys the same call charged.
-    links: Vec<Box<[u8]>>,
+/// A linked key this call reaches, opened.
+struct Link {
+    name: HeldString,
+    key: Key,
 }
 
-/// Releases request `id` on key `name` with `actual` costs, or says why nothing was
-/// released.
-fn release_one(
-    ctx: &Ctx,
-    state: &mut State,
-    name: RawString,
-    id: &[u8],
-    actual: &[(&str, u64)],
-) -> Result<Result<ReleasedOne, NotReleased>, CmdError> {
-    let mut key = open::<Subject>(ctx, name, true)?;
-    let now = ctx.now_ms();
-    let settled = decide::settle(key.value::<Subject>(), id, actual, now);
-    let (settled, change) = match settled {
-        Ok(done) => done,
-        Err(why) => return Ok(Err(why)),
-    };
-    write_subject(ctx, &mut key, name, change, &mut state.payload)?;
-    ctx.signal_ready(name);
-    let part = state.plans.get(&settled.plan).map(|plan| Part {
-        plan: std::sync::Arc::clone(plan),
-        now: settled.now,
+/// Opens the keys `links` names that this call should reach: those in the first key's
+/// slot (a request's links are made there, but a restored value could name others),
+/// that the caller may write, and that hold a subject; others are left alone and not
+/// shown. While the slot migrates, a link missing here asks the client to retry.
+fn open_links(ctx: &Ctx, first: RawString, links: &[Box<[u8]>]) -> Result<Vec<Link>, CmdError> {
+    let first_name = bytes_of(first);
+    let slot = key_slot(first_name);
+    let mut opened: Vec<Link> = Vec::with_capacity(links.len());
+    for link in links {
+        let name: &[u8] = link;
+        let seen = name == first_name || opened.iter().any(|l| bytes_of(l.name.raw()) == name);
+        if seen || (ctx.in_cluster() && key_slot(name) != slot) {
+            continue;
+        }
+        let held = HeldString::new(name).ok_or_else(|| CmdError::err("out of memory"))?;
+        if !ctx.may_write_key(held.raw()) {
+            continue;
+        }
+        let key = ctx.open_key(held.raw(), true);
+        match key.kind::<Subject>() {
+            KeyKind::Other => continue,
+            KeyKind::Empty if ctx.in_cluster() && crate::cluster::slot_in_migration(ctx, slot) => {
+                return Err(CmdError::Reply(
+                    "TRYAGAIN Multiple keys request during rehashing of slot".into(),
+                ));
+            }
+            KeyKind::Empty | KeyKind::Ours => opened.push(Link { name: held, key }),
+        }
+    }
+    Ok(opened)
+}
+
+/// How a plan's limits stand after a release (`None` if the plan is gone).
+fn report(plans: &Plans, plan: &str, subject: Option<&Subject>, now: u64) -> Option<Part> {
+    plans.get(plan).map(|plan| Part {
+        plan: Arc::clone(plan),
+        hops: 0,
+        now,
         admission: Admission::Now,
         denied_by: None,
         admitted: true,
-        outcomes: decide::report(plan, key.value::<Subject>(), settled.now),
-    });
-    Ok(Ok(ReleasedOne {
-        part,
-        plan: settled.plan.as_ref().into(),
-        links: settled.links,
-    }))
+        outcomes: decide::report(plan, subject, now),
+    })
 }
 
 /// `RL.RELEASE key request-id [COST unit actual ...]` → `{released, plan, limits[,
@@ -66,8 +83,10 @@ pub fn release(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let actual: Vec<(&str, u64)> = parsed.actual.pairs().collect();
     STATE
         .with(|state| {
-            let ReleasedOne { part, plan, links } =
-                match release_one(ctx, state, parsed.key, parsed.id, &actual)? {
+            let now = ctx.now_ms();
+            let mut first = open::<Subject>(ctx, parsed.key, true)?;
+            let (settled, change) =
+                match decide::settle(first.value::<Subject>(), parsed.id, &actual, now) {
                     Ok(done) => done,
                     Err(why) => {
                         state.stats.releases_unknown += 1;
@@ -75,48 +94,47 @@ pub fn release(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                         return Ok(());
                     }
                 };
-            state.stats.releases += 1;
-            let mut also = Vec::with_capacity(links.len());
-            for link in &links {
-                let held = HeldString::new(link).ok_or_else(|| CmdError::err("out of memory"))?;
-                let part = match release_one(ctx, state, held.raw(), parsed.id, &actual)? {
-                    Ok(one) => one.part,
-                    Err(_) => None,
-                };
-                also.push((link, part));
-            }
-            let also: Vec<Released<'_>> = also
-                .into_iter()
-                .map(|(key, part)| Released { key, part })
+            let mut links = open_links(ctx, parsed.key, &settled.links)?;
+            let link_changes: Vec<Option<(Arc<str>, Change)>> = links
+                .iter()
+                .map(|link| {
+                    decide::settle(link.key.value::<Subject>(), parsed.id, &actual, now)
+                        .ok()
+                        .map(|(s, change)| (s.plan, change))
+                })
                 .collect();
-            match part {
+            // Everything is checked: now write.
+            write_subject(ctx, &mut first, parsed.key, change, &mut state.payload)?;
+            ctx.signal_ready(parsed.key);
+            let mut also = Vec::with_capacity(links.len());
+            for (link, change) in links.iter_mut().zip(link_changes) {
+                let part = match change {
+                    Some((plan, change)) => {
+                        write_subject(
+                            ctx,
+                            &mut link.key,
+                            link.name.raw(),
+                            change,
+                            &mut state.payload,
+                        )?;
+                        ctx.signal_ready(link.name.raw());
+                        report(&state.plans, &plan, link.key.value::<Subject>(), now)
+                    }
+                    None => None,
+                };
+                also.push(Released {
+                    key: bytes_of(link.name.raw()),
+                    part,
+                });
+            }
+            state.stats.releases += 1;
+            match report(&state.plans, &settled.plan, first.value::<Subject>(), now) {
                 Some(part) => reply::released(ctx, &part, &also),
-                None => reply::released_without_plan(ctx, &plan),
+                None => reply::released_without_plan(ctx, &settled.plan),
             }
             Ok(())
         })
         .map_err(busy)?
-}
-
-/// Extends live request `id` on key `name`; returns its links if it was live.
-fn touch_one(
-    ctx: &Ctx,
-    state: &mut State,
-    name: RawString,
-    id: &[u8],
-    ttl: u64,
-) -> Result<Option<Vec<Box<[u8]>>>, CmdError> {
-    let mut key = open::<Subject>(ctx, name, true)?;
-    let now = ctx.now_ms();
-    let subject = key.value::<Subject>();
-    let links = subject
-        .and_then(|s| s.live_request(id, s.effective_now(now)))
-        .map(|r| r.links.clone());
-    let Ok((_, change)) = decide::touch(subject, id, ttl, now) else {
-        return Ok(None);
-    };
-    write_subject(ctx, &mut key, name, change, &mut state.payload)?;
-    Ok(links)
 }
 
 /// `RL.TOUCH key request-id ttl-ms` → 1 if the live request (and those the same call
@@ -143,16 +161,40 @@ pub fn touch(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     }
     STATE
         .with(|state| {
-            let links = touch_one(ctx, state, name, id, ttl)?;
-            if let Some(links) = &links {
-                for link in links {
-                    let held =
-                        HeldString::new(link).ok_or_else(|| CmdError::err("out of memory"))?;
-                    touch_one(ctx, state, held.raw(), id, ttl)?;
+            let now = ctx.now_ms();
+            let mut first = open::<Subject>(ctx, name, true)?;
+            let subject = first.value::<Subject>();
+            let links = subject
+                .and_then(|s| s.live_request(id, s.effective_now(now)))
+                .map(|r| r.links.clone())
+                .unwrap_or_default();
+            let Ok((_, change)) = decide::touch(subject, id, ttl, now) else {
+                ctx.reply_integer(0);
+                return Ok(());
+            };
+            let mut opened = open_links(ctx, name, &links)?;
+            let link_changes: Vec<Option<Change>> = opened
+                .iter()
+                .map(|link| {
+                    decide::touch(link.key.value::<Subject>(), id, ttl, now)
+                        .ok()
+                        .map(|(_, change)| change)
+                })
+                .collect();
+            write_subject(ctx, &mut first, name, change, &mut state.payload)?;
+            for (link, change) in opened.iter_mut().zip(link_changes) {
+                if let Some(change) = change {
+                    write_subject(
+                        ctx,
+                        &mut link.key,
+                        link.name.raw(),
+                        change,
+                        &mut state.payload,
+                    )?;
                 }
             }
-            state.stats.touches += u64::from(links.is_some());
-            ctx.reply_integer(i64::from(links.is_some()));
+            state.stats.touches += 1;
+            ctx.reply_integer(1);
             Ok(())
         })
         .map_err(busy)?
