@@ -17,6 +17,7 @@ mod cli;
 mod cluster;
 mod credits;
 mod hierarchy;
+mod hierarchy_findings;
 mod leases;
 mod operating;
 mod persistence;
