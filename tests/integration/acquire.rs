@@ -468,3 +468,57 @@ fn idle_keys_expire_by_themselves() {
     assert_eq!(int(&mut con, &["EXISTS", "z"]), 0);
     assert_eq!(string(&mut con, &["TYPE", "d"]), "rlsubject");
 }
+
+fn ints(v: Value) -> Vec<i64> {
+    match v {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::Int(n) => n,
+                other => panic!("not an integer: {other:?}"),
+            })
+            .collect(),
+        other => panic!("not an array: {other:?}"),
+    }
+}
+
+#[test]
+fn compact_replies_are_integers_that_say_which_plan_decided() {
+    let server = Server::start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "cheap", "rpm", "sliding 100/1m", "x", "fixed 7/1h"],
+    );
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "main", "rpm", "sliding 1/1m", "fallback", "cheap"],
+    );
+    // [allowed, retry_after_ms, denied index, hops, (remaining, reset_ms) per limit]
+    let first = ints(run(&mut con, &["RL.ACQUIRE", "u", "main", "COMPACT"]));
+    assert_eq!(&first[..5], &[1, 0, -1, 0, 0], "{first:?}");
+    assert_eq!(first.len(), 6);
+    let second = ints(run(&mut con, &["RL.ACQUIRE", "u", "main", "COMPACT"]));
+    assert_eq!(&second[..4], &[1, 0, -1, 1], "one fallback: cheap decided");
+    assert_eq!(second.len(), 4 + 2 * 2, "cheap's two limits: {second:?}");
+    assert_eq!(second[4], 98, "rpm is one budget across both plans");
+    assert_eq!(second[6], 6);
+    // The same in RESP3.
+    let mut resp3 = server.client_resp3();
+    let third = ints(run(&mut resp3, &["RL.PEEK", "u", "main", "COMPACT"]));
+    assert_eq!(&third[..4], &[1, 0, -1, 1]);
+}
+
+#[test]
+fn compact_needs_an_id_when_a_plan_holds_leases() {
+    let server = Server::start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "t", "jobs", "concurrency 2 ttl 30s"]);
+    assert_eq!(
+        err(&mut con, &["RL.ACQUIRE", "u", "t", "COMPACT"]),
+        "ERR COMPACT needs an ID when a plan holds leases (the reply cannot carry a generated id)"
+    );
+    assert_eq!(int(&mut con, &["EXISTS", "u"]), 0, "nothing charged");
+    let r = ints(run(&mut con, &["RL.ACQUIRE", "u", "t", "ID", "j1", "COMPACT"]));
+    assert_eq!(&r[..5], &[1, 0, -1, 0, 1]);
+}

@@ -848,26 +848,30 @@ fn compact_with_also_lists_every_pair_in_call_order_and_counts_the_denied_index_
             other => panic!("{other:?}"),
         }
     };
-    // allowed, retry, denied index, then (remaining, reset) of u.rpm, u.tpm, t.tpd,
-    // t.web (-1, -1: it applies to ENDPOINT web only), o.spend.
+    // allowed, retry, denied index, then per pair the fallbacks taken and (remaining,
+    // reset) of its limits: u (hops, rpm, tpm), t (hops, tpd, web: -1, -1 as it applies
+    // to ENDPOINT web only), o (hops, spend).
     let r = compact(&mut con, "RL.ACQUIRE", "200", false);
-    assert_eq!(r.len(), 3 + 2 * 5, "{r:?}");
+    assert_eq!(r.len(), 3 + 3 + 2 * 5, "{r:?}");
     assert_eq!(&r[..3], &[1, 0, -1]);
-    assert_eq!(r[3], 9);
-    assert_eq!(r[5], 800);
-    assert_eq!(r[7], 300);
-    assert_eq!(&r[9..11], &[-1, -1]);
-    assert_eq!(r[11], 100);
-    // The org's spend (index 4 counting across the pairs) denies 200 more.
+    assert_eq!(r[3], 0, "u decided by the plan asked for");
+    assert_eq!(r[4], 9);
+    assert_eq!(r[6], 800);
+    assert_eq!(r[8], 0);
+    assert_eq!(r[9], 300);
+    assert_eq!(&r[11..13], &[-1, -1]);
+    assert_eq!(r[13], 0);
+    assert_eq!(r[14], 100);
+    // The org's spend (index 4 counting limits across the pairs) denies 200 more.
     let r = compact(&mut con, "RL.ACQUIRE", "200", false);
     assert_eq!(&r[..1], &[0]);
     assert!(r[1] > 0);
     assert_eq!(r[2], 4, "{r:?}");
-    assert_eq!(r[11], 100, "nothing charged");
-    // With ENDPOINT web, the team's `web` limit applies, and the same index shape.
+    assert_eq!(r[14], 100, "nothing charged");
+    // With ENDPOINT web, the team's `web` limit applies, and the same shape.
     let r = compact(&mut con, "RL.PEEK", "10", true);
     assert_eq!(&r[..3], &[1, 0, -1]);
-    assert_eq!(r[9], 4);
+    assert_eq!(r[11], 4);
     // The same call as a map says the same.
     let d = decision(
         &mut con,

@@ -401,3 +401,19 @@ fn release_rejects_bad_input() {
     }
     assert!(err(&mut con, &["RL.RELEASE", "u"]).contains("wrong number of arguments"));
 }
+
+#[test]
+fn a_retried_release_says_the_request_was_released() {
+    let server = Server::start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "c", "jobs", "concurrency 2 ttl 30s"]);
+    assert!(decision(&mut con, &["RL.ACQUIRE", "u", "c", "ID", "a"]).allowed());
+    let first = map_of(&run(&mut con, &["RL.RELEASE", "u", "a"]));
+    assert_eq!(first.get("released"), Some(&Value::Int(1)));
+    // The reply was lost; the client releases again: the key remembers why.
+    let again = map_of(&run(&mut con, &["RL.RELEASE", "u", "a"]));
+    assert_eq!(again.get("released"), Some(&Value::Int(0)));
+    assert_eq!(text(&again["reason"]), "released");
+    let never = map_of(&run(&mut con, &["RL.RELEASE", "u", "zz"]));
+    assert_eq!(text(&never["reason"]), "unknown");
+}

@@ -17,7 +17,7 @@ mod cli;
 mod cluster;
 mod credits;
 mod hierarchy;
-mod hierarchy_findings;
+mod hierarchy_edges;
 mod leases;
 mod operating;
 mod persistence;

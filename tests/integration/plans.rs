@@ -106,3 +106,16 @@ fn fallback_cycles_are_refused_even_when_closed_later() {
     );
     assert_eq!(run(&mut con, &["RL.PLAN.GET", "c"]), Value::Array(vec![]));
 }
+
+#[test]
+fn the_default_plan_cannot_be_deleted_from_under_star() {
+    let server = Server::start();
+    let mut con = server.client();
+    int(&mut con, &["RL.PLAN.SET", "a", "rpm", "fixed 5/1m"]);
+    run(&mut con, &["RL.PLAN.DEFAULT", "a"]);
+    assert_eq!(
+        err(&mut con, &["RL.PLAN.DEL", "a"]),
+        "ERR plan 'a': is the default plan: set another default (RL.PLAN.DEFAULT) first"
+    );
+    assert!(decision(&mut con, &["RL.ACQUIRE", "k", "*"]).allowed());
+}
