@@ -438,9 +438,8 @@ struct LimitStanding {
     warn: bool,
 }
 
-/// The subject's standing under `plan` (a name or `*`), read with `RL.PEEK key plan 0`.
-/// The one place that knows how the figures are obtained: `RL.USAGE` (which reports
-/// the standing itself, `*` resolved) replaces this body.
+/// The subject's standing under `plan` (a name or `*`), read with `RL.USAGE`, which
+/// reports it as it is (leases held, usage counted), charging and assuming nothing.
 fn standing(
     con: &mut nodes::KeyConnection,
     key: &str,
@@ -448,8 +447,8 @@ fn standing(
     endpoint: Option<&str>,
 ) -> Result<Standing, Failure> {
     let (plan, via) = resolve_plan(con, key, plan)?;
-    let mut cmd = redis::cmd("RL.PEEK");
-    cmd.arg(key).arg(&plan).arg(0);
+    let mut cmd = redis::cmd("RL.USAGE");
+    cmd.arg(key).arg(&plan);
     if let Some(endpoint) = endpoint {
         cmd.arg("ENDPOINT").arg(endpoint);
     }
@@ -470,27 +469,14 @@ fn standing(
                     .unwrap_or_default()
             };
             let int = |name: &str| get(name).parse::<i64>().unwrap_or(0);
-            let unit = get("unit");
-            // RL.PEEK answers what an acquire would, and an acquire takes one lease in
-            // each concurrency limit: give that lease back to show the standing now.
-            let remaining = if unit == "lease" {
-                (int("remaining") + 1).min(int("limit"))
-            } else {
-                int("remaining")
-            };
-            let used = (int("limit") - remaining).max(0);
             LimitStanding {
                 name: get("name"),
                 capacity: int("limit"),
-                used,
-                remaining,
-                reset_ms: if unit == "lease" && used == 0 {
-                    0
-                } else {
-                    int("reset_ms")
-                },
+                used: int("used"),
+                remaining: int("remaining"),
+                reset_ms: int("reset_ms"),
                 warn: int("warn") == 1,
-                unit,
+                unit: get("unit"),
             }
         })
         .collect();
