@@ -179,7 +179,7 @@ def main():
         if opts.only != "python":
             print("== ioredis and node-redis (tests/clients/node)", flush=True)
             status |= subprocess.run(
-                [node, "--test", "--test-concurrency=1"],
+                [node, "--test", "--test-concurrency=1", "--test-reporter=spec"],
                 env=env, cwd=os.path.join(HERE, "node"),
             ).returncode
     finally:

@@ -145,12 +145,16 @@ TEST_PLAN = {
 }
 
 
+# One lease at a time: a second call waits (WAIT tests).
+GATE_PLAN = {"jobs": "concurrency 1 ttl 60s"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def plans():
-    """The example plans (examples/plans.json) and TEST_PLAN, set on the standalone
+    """The example plans (examples/plans.json), TEST_PLAN and GATE_PLAN, set on the standalone
     server and on one cluster primary; the cluster spreads them to every node."""
     example = json.loads((ROOT / "examples" / "plans.json").read_text())["plans"]
-    wanted = dict(example, clients=TEST_PLAN)
+    wanted = dict(example, clients=TEST_PLAN, gate=GATE_PLAN)
     for port in (STANDALONE, primaries()[0]):
         with redis.Redis(port=port, decode_responses=True) as r:
             for name, fields in wanted.items():
