@@ -2,6 +2,7 @@
 // test-clients) starts the servers and names them in the environment; run alone,
 // these tests fail at once, saying so.
 
+import { execFileSync } from "node:child_process";
 import { readFileSync, writeFileSync, unlinkSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -39,6 +40,18 @@ export function snippet(name, file = "clients.md") {
   return block[1]
     .replace(/\b6479\b/g, String(STANDALONE))
     .replace(/\b7100\b/g, String(CLUSTER[0]));
+}
+
+/** Runs an ACL recipe of docs/operating.md (a redis-cli command line) as written,
+ * with bash, against each port (ACL rules are per node). */
+export function applyAclRecipe(name, ports) {
+  const recipe = snippet(name, "operating.md");
+  if (!recipe.startsWith(`redis-cli -p ${STANDALONE} `)) throw new Error(recipe);
+  for (const port of ports) {
+    const out = execFileSync("bash", ["-c", recipe.replace(`-p ${STANDALONE} `, `-p ${port} `)],
+      { encoding: "utf8" });
+    if (out.trim() !== "OK") throw new Error(`${name} on ${port}: ${out}`);
+  }
 }
 
 let loaded = 0;

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import subprocess
 import time
 from collections import Counter
 
@@ -35,12 +36,12 @@ def server_has_module_acl_categories():
     return name == "valkey" or major_minor >= (7, 4)
 
 
-def snippet(name):
-    """The code block after `<!-- test: name -->` in docs/clients.md, with the ports
-    the docs use (make run's 6479, make cluster's 7100) replaced by the test servers'."""
-    text = (ROOT / "docs" / "clients.md").read_text()
+def snippet(name, file="clients.md"):
+    """The code block after `<!-- test: name -->` in docs/`file`, with the ports the
+    docs use (make run's 6479, make cluster's 7100) replaced by the test servers'."""
+    text = (ROOT / "docs" / file).read_text()
     found = re.search(rf"<!-- test: {re.escape(name)} -->\n```\w*\n(.*?)```", text, re.S)
-    assert found, f"docs/clients.md has no snippet '{name}'"
+    assert found, f"docs/{file} has no snippet '{name}'"
     code = re.sub(r"\b6479\b", str(STANDALONE), found.group(1))
     return re.sub(r"\b7100\b", str(CLUSTER[0]), code)
 
@@ -50,6 +51,18 @@ def run_snippet(name, **names):
     scope = dict(names)
     exec(compile(snippet(name), f"docs/clients.md:{name}", "exec"), scope)
     return scope
+
+
+def apply_acl_recipe(name, ports):
+    """Runs an ACL recipe of docs/operating.md (a redis-cli command line) as written,
+    with bash, against each port (ACL rules are per node)."""
+    recipe = snippet(name, "operating.md")
+    assert recipe.startswith(f"redis-cli -p {STANDALONE} "), recipe
+    for port in ports:
+        command = recipe.replace(f"-p {STANDALONE} ", f"-p {port} ", 1)
+        out = subprocess.run(["bash", "-c", command],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.strip() == "OK", (name, port, out)
 
 
 def as_map(reply):
