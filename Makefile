@@ -15,7 +15,7 @@ RELEASE_SO := $(CURDIR)/target/release/libtollgate.so
 DEBUG_SO := $(CURDIR)/target/debug/libtollgate.so
 
 .PHONY: help deps valkey build release run stop cluster cluster-stop test test-scripts test-unit test-integration check fmt clippy bench bench-cluster clean
-.PHONY: test-python bench-python
+.PHONY: test-python bench-python test-clients
 .PHONY: rls bench-rls
 
 help: ## List the targets and the variables they take
@@ -61,6 +61,7 @@ test: deps valkey build test-scripts ## Run every test: scripts, unit, property,
 		echo "== valkey-server not found (make valkey installs it into .venv): integration suite ran against redis-server only"; \
 	fi
 	@$(MAKE) --no-print-directory test-python
+	@$(MAKE) --no-print-directory test-clients
 
 test-scripts: build ## Tests of the scripts: libclang detection (fixture directories), make run/stop/cluster
 	@scripts/test-find-libclang.sh
@@ -74,6 +75,18 @@ test-python: deps ## The Python client and ASGI middleware (clients/python) agai
 	@py=$$(scripts/venv.sh clients/python/requirements-test.txt) && \
 	$$py -m pip install -q --no-build-isolation --no-deps --force-reinstall ./clients/python && \
 	cd clients/python && $$py -m pytest -q -p no:cacheprovider
+
+test-clients: deps ## Raw redis-py, ioredis and node-redis against a server and a 3+3 cluster (tests/clients), on Redis and Valkey
+	$(CARGO) build -p tollgate
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+		{ echo "make test-clients needs node (>= 20) and npm" >&2; exit 1; }
+	@cd tests/clients/node && { [ node_modules/.package-lock.json -nt package-lock.json ] || \
+		npm ci --no-audit --no-fund --loglevel=error; }
+	@set -e; py=$$(scripts/venv.sh tests/clients/requirements.txt); \
+	$$py tests/clients/run.py; \
+	vk=$$(scripts/find-valkey.sh || true); \
+	if [ -n "$$vk" ]; then $$py tests/clients/run.py --server "$$vk"; \
+	else echo "== valkey-server not found (make valkey installs it into .venv): real-client tests ran against redis-server only"; fi
 
 test-integration: build ## Integration tests against redis-server only
 	$(CARGO) test --test integration

@@ -14,6 +14,7 @@ mod harness;
 mod acquire;
 mod budget;
 mod cli;
+mod clients;
 mod cluster;
 mod credits;
 mod hierarchy;

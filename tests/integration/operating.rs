@@ -8,7 +8,8 @@ use redis::Value;
 fn an_application_user_is_confined_to_acquire_release_touch_and_peek() {
     let server = Server::start();
     let mut admin = server.client();
-    // The recipe from docs/operating.md.
+    // Confined by command names (docs/operating.md gives the full recipe real
+    // clients connect with; tests/clients runs it with them).
     assert_eq!(
         string(
             &mut admin,

@@ -59,6 +59,8 @@ for (const protocol of [2, 3]) {
       const seen = await countStream(CLUSTER, `ioredis-cluster-${protocol}`,
         (args) => tollgate(cluster, ...args));
       assertOneCommandPerCall(seen);
+      // Maps come as flat arrays in RESP3 too (replyMapping "legacy", the default).
+      assert.ok(Array.isArray(await tollgate(cluster, "RL.PEEK", "user:1", "clients")));
     } finally {
       cluster.disconnect();
     }
@@ -100,10 +102,20 @@ const nodeRedis = await runSnippets(["js-node-redis-cluster", "js-node-redis-clu
   ["tollgate", "cluster", "reply", "plans"]);
 
 test("the node-redis cluster snippet grants, acquires with credits, settles and lists plans", async () => {
+  assert.ok(!Array.isArray(nodeRedis.reply)); // node-redis 6 speaks RESP3 by default: an object
   assert.equal(asMap(nodeRedis.reply).allowed, 1);
   assert.equal(asMap(nodeRedis.reply).credits, 995);
   assert.ok(nodeRedis.plans.includes("pro"));
   await nodeRedis.cluster.close();
+});
+
+test("node-redis 5 speaks RESP2 by default: maps come as flat arrays", async () => {
+  const client = await createClient5({ url: `redis://127.0.0.1:${STANDALONE}` }).connect();
+  try {
+    assert.ok(Array.isArray(await client.sendCommand(["RL.PEEK", "user:1", "clients"])));
+  } finally {
+    await client.close();
+  }
 });
 
 for (const [version, makeCluster, makeClient] of [
