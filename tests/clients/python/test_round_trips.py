@@ -215,3 +215,25 @@ def test_a_node_s_own_client_sends_three_part_names_in_one_round_trip(protocol):
     assert "clients" in plans
     assert commands(seen) == {"rl.credits.grant": 1, "rl.plan.list": 1}, seen
     assert errors(seen) == {}
+
+
+def test_the_resolver_follows_moved_and_a_node_s_own_client_raises_it():
+    """With a stale slot map (as during resharding), the resolver's way follows MOVED
+    like any keyed command; the node's own client hands MOVED to the caller."""
+    scope = run_snippet("py-cluster-client")
+    rc = scope["rc"]
+    node_way = run_snippet("py-cluster-node-client")
+    plain = node_way["rc"]
+    key = "{acct:77}:credits"
+    try:
+        right = rc.get_node_from_key(key).name
+        for client in (rc, plain):
+            wrong = next(n for n in client.get_primaries() if n.name != right)
+            client.nodes_manager.slots_cache[client.keyslot(key)] = [wrong]
+        assert rc.execute_command("RL.CREDITS.BALANCE", key) == 0
+        assert rc.get_node_from_key(key).name == right  # the map was corrected
+        with pytest.raises(redis.exceptions.MovedError):
+            node_way["grant"](plain, key, 10)
+    finally:
+        rc.close()
+        plain.close()
