@@ -488,11 +488,25 @@ fn compact_replies_are_integers_that_say_which_plan_decided() {
     let mut con = server.client();
     int(
         &mut con,
-        &["RL.PLAN.SET", "cheap", "rpm", "sliding 100/1m", "x", "fixed 7/1h"],
+        &[
+            "RL.PLAN.SET",
+            "cheap",
+            "rpm",
+            "sliding 100/1m",
+            "x",
+            "fixed 7/1h",
+        ],
     );
     int(
         &mut con,
-        &["RL.PLAN.SET", "main", "rpm", "sliding 1/1m", "fallback", "cheap"],
+        &[
+            "RL.PLAN.SET",
+            "main",
+            "rpm",
+            "sliding 1/1m",
+            "fallback",
+            "cheap",
+        ],
     );
     // [allowed, retry_after_ms, denied index, hops, (remaining, reset_ms) per limit]
     let first = ints(run(&mut con, &["RL.ACQUIRE", "u", "main", "COMPACT"]));
@@ -513,12 +527,18 @@ fn compact_replies_are_integers_that_say_which_plan_decided() {
 fn compact_needs_an_id_when_a_plan_holds_leases() {
     let server = Server::start();
     let mut con = server.client();
-    int(&mut con, &["RL.PLAN.SET", "t", "jobs", "concurrency 2 ttl 30s"]);
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "t", "jobs", "concurrency 2 ttl 30s"],
+    );
     assert_eq!(
         err(&mut con, &["RL.ACQUIRE", "u", "t", "COMPACT"]),
         "ERR COMPACT needs an ID when a plan holds leases (the reply cannot carry a generated id)"
     );
     assert_eq!(int(&mut con, &["EXISTS", "u"]), 0, "nothing charged");
-    let r = ints(run(&mut con, &["RL.ACQUIRE", "u", "t", "ID", "j1", "COMPACT"]));
+    let r = ints(run(
+        &mut con,
+        &["RL.ACQUIRE", "u", "t", "ID", "j1", "COMPACT"],
+    ));
     assert_eq!(&r[..5], &[1, 0, -1, 0, 1]);
 }

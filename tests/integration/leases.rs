@@ -406,7 +406,10 @@ fn release_rejects_bad_input() {
 fn a_retried_release_says_the_request_was_released() {
     let server = Server::start();
     let mut con = server.client();
-    int(&mut con, &["RL.PLAN.SET", "c", "jobs", "concurrency 2 ttl 30s"]);
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "c", "jobs", "concurrency 2 ttl 30s"],
+    );
     assert!(decision(&mut con, &["RL.ACQUIRE", "u", "c", "ID", "a"]).allowed());
     let first = map_of(&run(&mut con, &["RL.RELEASE", "u", "a"]));
     assert_eq!(first.get("released"), Some(&Value::Int(1)));
