@@ -4,7 +4,8 @@
 //! redis-server with the release module and the release `tollgate-rls`.
 //!
 //! Usage: `cargo run --release -p tollgate-rls --example bench -- path/to/libtollgate.so`
-//! (`BENCH_SECS`, `BENCH_CONCURRENCY` override the defaults 5 s and 32).
+//! (`BENCH_SECS`, `BENCH_CONCURRENCY`, `BENCH_CONNECTIONS` override the defaults 5 s,
+//! 32 in flight and 4 gRPC connections).
 
 #![allow(
     clippy::unwrap_used,
@@ -149,6 +150,10 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(32);
+    let connections: usize = std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
     let dir = std::env::temp_dir().join(format!("tollgate-rls-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("config")).unwrap();
@@ -205,7 +210,7 @@ async fn main() {
             .spawn()
             .expect("start tollgate-rls"),
     );
-    let rls = loop {
+    let _listening = loop {
         if let Ok(c) =
             RateLimitServiceClient::connect(format!("http://127.0.0.1:{grpc_port}")).await
         {
@@ -243,7 +248,7 @@ async fn main() {
         .is_ok();
 
     println!(
-        "tollgate-rls bench: concurrency {concurrency}, {secs} s per scenario, redis-server and tollgate-rls on this machine ({} cores); ALSO on the server: {also}",
+        "tollgate-rls bench: concurrency {concurrency} ({connections} gRPC connections), {secs} s per scenario, redis-server and tollgate-rls on this machine ({} cores); ALSO on the server: {also}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
@@ -315,9 +320,18 @@ async fn main() {
             }
         })
         .await;
-        let client = rls.clone();
+        // Several HTTP/2 connections, as a fleet of Envoys would open.
+        let mut clients = Vec::new();
+        for _ in 0..connections {
+            clients.push(
+                RateLimitServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let clients = Arc::new(clients);
         let via = run_load(concurrency, secs, move |i| {
-            let mut c = client.clone();
+            let mut c = clients[(i % clients.len() as u64) as usize].clone();
             async move {
                 let r = c
                     .should_rate_limit(request(n, i))

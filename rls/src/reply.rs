@@ -8,16 +8,16 @@
 use redis::Value;
 
 /// A map reply as `(field, value)` pairs, in order.
-pub fn map_entries(v: &Value) -> Vec<(String, Value)> {
+pub fn map_entries(v: &Value) -> Vec<(String, &Value)> {
     match v {
         Value::Map(pairs) => pairs
             .iter()
-            .filter_map(|(k, v)| text(k).map(|k| (k, v.clone())))
+            .filter_map(|(k, v)| text(k).map(|k| (k, v)))
             .collect(),
         Value::Array(items) => items
             .chunks(2)
             .filter_map(|kv| match kv {
-                [k, v] => text(k).map(|k| (k, v.clone())),
+                [k, v] => text(k).map(|k| (k, v)),
                 _ => None,
             })
             .collect(),
@@ -59,12 +59,12 @@ impl LimitState {
         let mut s = LimitState::default();
         for (k, v) in map_entries(v) {
             match k.as_str() {
-                "name" => s.name = text(&v).unwrap_or_default(),
-                "kind" => s.kind = text(&v),
-                "limit" => s.limit = int(&v).unwrap_or(0),
-                "remaining" => s.remaining = int(&v).unwrap_or(0),
-                "reset_ms" => s.reset_ms = int(&v).unwrap_or(0),
-                "window_ms" => s.window_ms = int(&v),
+                "name" => s.name = text(v).unwrap_or_default(),
+                "kind" => s.kind = text(v),
+                "limit" => s.limit = int(v).unwrap_or(0),
+                "remaining" => s.remaining = int(v).unwrap_or(0),
+                "reset_ms" => s.reset_ms = int(v).unwrap_or(0),
+                "window_ms" => s.window_ms = int(v),
                 _ => {}
             }
         }
@@ -111,26 +111,26 @@ impl Decision {
             match k.as_str() {
                 "allowed" => {
                     seen_allowed = true;
-                    d.allowed = int(&v) == Some(1);
+                    d.allowed = int(v) == Some(1);
                 }
-                "retry_after_ms" => d.retry_after_ms = int(&v).unwrap_or(0),
-                "denied_by" => d.denied_by = text(&v),
-                "denied_key" => d.denied_key = text(&v),
-                "shadow_denied_by" => d.shadow_denied_by = text(&v),
+                "retry_after_ms" => d.retry_after_ms = int(v).unwrap_or(0),
+                "denied_by" => d.denied_by = text(v),
+                "denied_key" => d.denied_key = text(v),
+                "shadow_denied_by" => d.shadow_denied_by = text(v),
                 "limits" => {
-                    if let Value::Array(items) = &v {
+                    if let Value::Array(items) = v {
                         first.limits = items.iter().map(LimitState::from).collect();
                     }
                 }
                 "also" => {
-                    if let Value::Array(items) = &v {
+                    if let Value::Array(items) = v {
                         for item in items {
                             let mut ks = KeyState::default();
                             for (k, v) in map_entries(item) {
                                 match k.as_str() {
-                                    "key" => ks.key = text(&v),
+                                    "key" => ks.key = text(v),
                                     "limits" => {
-                                        if let Value::Array(ls) = &v {
+                                        if let Value::Array(ls) = v {
                                             ks.limits = ls.iter().map(LimitState::from).collect();
                                         }
                                     }
