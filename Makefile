@@ -91,6 +91,11 @@ test-clients: deps ## Raw redis-py, ioredis and node-redis against a server and 
 test-integration: build ## Integration tests against redis-server only
 	$(CARGO) test --test integration
 
+.PHONY: fuzz
+fuzz: build ## Fuzz commands and RESTORE payloads against a primary, replica and AOF for 10 minutes
+	TOLLGATE_FUZZ_SECONDS=$${TOLLGATE_FUZZ_SECONDS:-600} TOLLGATE_FUZZ_SEED=$${TOLLGATE_FUZZ_SEED:-random} \
+		$(CARGO) test --test integration fuzz:: -- --nocapture
+
 fmt: ## Format the code
 	$(CARGO) fmt --all
 

@@ -17,6 +17,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod credits;
+mod fuzz;
 mod hierarchy;
 mod hierarchy_edges;
 mod leases;
