@@ -682,6 +682,10 @@ struct Fuzzer {
     primary: Option<Server>,
     replica: Server,
     p: Connection,
+    /// A RESP3 connection to the primary, for some of the commands.
+    p3: Connection,
+    /// Send the next command on `p3`.
+    resp3: bool,
     r: Connection,
     history: VecDeque<String>,
     stats: Stats,
@@ -695,6 +699,8 @@ struct Fuzzer {
     group: Option<Vec<Args>>,
     /// What the driver is doing, which names the kind of a failure.
     phase: Kind,
+    /// Error replies by command and message, to see what the generator spends on.
+    error_counts: BTreeMap<String, u64>,
 }
 
 /// What failed, which says how a replay shows it again.
@@ -722,6 +728,8 @@ struct Step {
     /// `DUMP` then `RESTORE` of what it gave: replays restore what the `DUMP` gives
     /// then, and a refusal is a failure.
     copy: bool,
+    /// Sent on a RESP3 connection.
+    resp3: bool,
 }
 
 /// Sends one command: a value, an ordinary error reply, or a failure (a bad error
@@ -769,6 +777,13 @@ fn fresh_servers() -> (Server, Server, Connection, Connection) {
     (primary, replica, p, r)
 }
 
+fn connect_resp3(server: &Server) -> Connection {
+    let con = server.client_resp3();
+    con.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set a read timeout");
+    con
+}
+
 fn connect(server: &Server) -> Connection {
     let con = server.client();
     con.set_read_timeout(Some(Duration::from_secs(30)))
@@ -794,12 +809,15 @@ type Check = Result<(), String>;
 impl Fuzzer {
     fn start(seed: u64) -> Fuzzer {
         let (primary, replica, p, r) = fresh_servers();
+        let p3 = connect_resp3(&primary);
         Fuzzer {
             seed,
             rng: Rng::new(seed),
             primary: Some(primary),
             replica,
             p,
+            p3,
+            resp3: false,
             r,
             history: VecDeque::new(),
             stats: Stats::default(),
@@ -809,6 +827,7 @@ impl Fuzzer {
             trace: Vec::new(),
             group: None,
             phase: Kind::Reply,
+            error_counts: BTreeMap::new(),
         }
     }
 
@@ -816,6 +835,7 @@ impl Fuzzer {
     fn restart_servers(&mut self) {
         self.primary = None;
         let (primary, replica, p, r) = fresh_servers();
+        self.p3 = connect_resp3(&primary);
         self.primary = Some(primary);
         self.replica = replica;
         self.p = p;
@@ -847,8 +867,8 @@ impl Fuzzer {
         // Hostile RESTOREs log refusals all the time: the last one is the relevant.
         let refusal = new_log
             .lines()
-            .filter(|l| l.contains("refusing") || l.contains("cannot load"))
-            .last()
+            .rev()
+            .find(|l| l.contains("refusing") || l.contains("cannot load"))
             .and_then(|l| l.split("<tollgate> ").nth(1))
             .map(norm);
         let panic_at = new_log
@@ -901,13 +921,25 @@ impl Fuzzer {
                 None => self.trace.push(Step {
                     commands: vec![args.to_vec()],
                     copy: false,
+                    resp3: self.resp3,
                 }),
             }
         }
-        let (shown, result) = send(&mut self.p, args);
+        let (shown, result) = if std::mem::take(&mut self.resp3) {
+            let (shown, result) = send(&mut self.p3, args);
+            (format!("(resp3) {shown}"), result)
+        } else {
+            send(&mut self.p, args)
+        };
         self.note(shown);
-        if let Ok(Reply::Error(_)) = result {
+        if let Ok(Reply::Error(e)) = &result {
             self.stats.errors += 1;
+            let command = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+            let what: String = e.chars().take(48).filter(|c| !c.is_ascii_digit()).collect();
+            *self
+                .error_counts
+                .entry(format!("{command}: {what}"))
+                .or_insert(0) += 1;
         }
         result
     }
@@ -1257,10 +1289,24 @@ impl Fuzzer {
         }
     }
 
+    /// A key of the same kind as `key` mostly (so names keep their type and commands
+    /// reach the module's logic), any key sometimes.
+    fn kin(&mut self, key: &str) -> &'static str {
+        if self.rng.chance(20) {
+            self.any_key()
+        } else if SUBJECTS.contains(&key) {
+            self.rng.pick(SUBJECTS)
+        } else if CREDITS.contains(&key) {
+            self.rng.pick(CREDITS)
+        } else {
+            self.rng.pick(OTHERS)
+        }
+    }
+
     fn key_command(&mut self) -> Args {
         let key = self.any_key();
-        let other = self.any_key();
-        match self.rng.below(14) {
+        let other = self.kin(key);
+        match self.rng.below(18) {
             0 | 1 => {
                 if self.rng.chance(70) {
                     args(&["COPY", key, other, "REPLACE"])
@@ -1285,6 +1331,19 @@ impl Fuzzer {
             10 => args(&["SET", "str", "x"]),
             11 => args(&["HSET", "h", "f", "v"]),
             12 => args(&["RL.ASSIGN", key]),
+            13 => args(&["UNLINK", key]),
+            // Values moving between databases, and whole databases freed (ASYNC: in
+            // a background thread).
+            14 => args(&["MOVE", key, "1"]),
+            15 if self.rng.chance(30) => args(&["SWAPDB", "0", "1"]),
+            16 if self.rng.chance(5) => {
+                let how = self.rng.pick(&["FLUSHDB", "FLUSHALL"]);
+                if self.rng.chance(50) {
+                    args(&[how, "ASYNC"])
+                } else {
+                    args(&[how])
+                }
+            }
             _ => args(&["EXISTS", key]),
         }
     }
@@ -1377,6 +1436,7 @@ impl Fuzzer {
                 self.trace.push(Step {
                     commands: group,
                     copy: false,
+                    resp3: false,
                 });
             }
         } else {
@@ -1400,7 +1460,7 @@ impl Fuzzer {
         let target = if self.rng.chance(60) {
             self.rng.pick(&["r:0", "r:1"])
         } else {
-            self.any_key()
+            self.kin(source)
         };
         let hostile = self.rng.chance(75);
         // Mutations draw from their own generator, so the command sequence does not
@@ -1661,6 +1721,7 @@ impl Fuzzer {
         primary.kill9();
         let primary = primary.restart();
         self.p = connect(&primary);
+        self.p3 = connect_resp3(&primary);
         self.primary = Some(primary);
         self.log_seen.0 = 0;
         let after = self.digest_p()?;
@@ -1713,15 +1774,17 @@ impl Fuzzer {
                     self.wrapped_step()?;
                 } else {
                     let c = self.command();
+                    self.resp3 = self.rng.chance(15);
                     self.call(&c)?;
                 }
             }
             self.check_batch()?;
             batches += 1;
-            if batches % 8 == 0 {
+            // Every 8th batch an AOF rewrite, every 12th a kill -9 and AOF restart.
+            if batches.rem_euclid(8) == 0 {
                 self.rewrite_aof()?;
             }
-            if batches % 12 == 0 {
+            if batches.rem_euclid(12) == 0 {
                 self.aof_restart()?;
             }
         }
@@ -1834,8 +1897,16 @@ fn all_keys(con: &mut Connection) -> Result<Vec<Vec<u8>>, String> {
 
 /// Waits out keys whose TTL ends within `horizon_ms`, and has the primary delete
 /// them (a lookup expires them and replicates the DEL), so the checks that follow do
-/// not race expiry. Returns the ms waited.
+/// not race expiry. Covers databases 1 (where MOVE and SWAPDB put keys) and 0, and
+/// returns the ms waited.
 fn quiet(con: &mut Connection, horizon_ms: i64) -> Result<u64, String> {
+    query(con, &["SELECT", "1"])?;
+    let waited = quiet_db(con, horizon_ms);
+    query(con, &["SELECT", "0"])?;
+    Ok(waited? + quiet_db(con, horizon_ms)?)
+}
+
+fn quiet_db(con: &mut Connection, horizon_ms: i64) -> Result<u64, String> {
     let started = Instant::now();
     loop {
         let mut near: Vec<(Vec<u8>, i64)> = Vec::new();
@@ -2125,6 +2196,7 @@ fn reproduces(steps: &[Step], kind: Kind) -> bool {
         replica
     });
     let mut con = connect(&primary);
+    let mut con3 = connect_resp3(&primary);
     for step in steps {
         if step.copy {
             let (Some(dump), Some(restore)) = (step.commands.first(), step.commands.get(1)) else {
@@ -2144,8 +2216,9 @@ fn reproduces(steps: &[Step], kind: Kind) -> bool {
             }
             continue;
         }
+        let on = if step.resp3 { &mut con3 } else { &mut con };
         for command in &step.commands {
-            if send(&mut con, command).1.is_err() {
+            if send(on, command).1.is_err() {
                 return kind == Kind::Reply;
             }
         }
@@ -2242,8 +2315,13 @@ fn show_steps(steps: &[Step]) -> String {
             let _ = writeln!(out, "  {}  (must succeed)", command_line(&restore));
             continue;
         }
+        let resp3 = if step.resp3 {
+            "  (on a RESP3 connection)"
+        } else {
+            ""
+        };
         for command in &step.commands {
-            let _ = writeln!(out, "  {}", command_line(command));
+            let _ = writeln!(out, "  {}{resp3}", command_line(command));
         }
     }
     out
@@ -2276,10 +2354,7 @@ fn random_commands_and_hostile_restores_keep_reload_replica_and_aof_exact() {
     let mut fuzzer = Fuzzer::start(seed);
     // Each distinct failure once: (signature, times seen, report).
     let mut failures: Vec<(String, u32, String)> = Vec::new();
-    loop {
-        let Err(reason) = fuzzer.run(length) else {
-            break;
-        };
+    while let Err(reason) = fuzzer.run(length) {
         let signature = fuzzer.signature(&reason);
         if let Some(seen) = failures.iter_mut().find(|f| f.0 == signature) {
             seen.1 += 1;
@@ -2291,6 +2366,7 @@ fn random_commands_and_hostile_restores_keep_reload_replica_and_aof_exact() {
                     trace.push(Step {
                         commands: group,
                         copy: false,
+                        resp3: false,
                     });
                 }
                 let total = trace.len();
@@ -2325,6 +2401,11 @@ fn random_commands_and_hostile_restores_keep_reload_replica_and_aof_exact() {
         fuzzer.stats,
         fuzzer.features
     );
+    let mut common: Vec<(&String, &u64)> = fuzzer.error_counts.iter().collect();
+    common.sort_by(|a, b| b.1.cmp(a.1));
+    for (what, n) in common.iter().take(12) {
+        println!("fuzz: {n:>7} x {what}");
+    }
     if !failures.is_empty() {
         let mut summary = format!(
             "{} distinct fuzz failure(s) with TOLLGATE_FUZZ_SEED={seed} (reports above):\n",
