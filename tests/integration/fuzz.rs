@@ -1,20 +1,26 @@
 //! A fuzz driver against live servers: random command sequences over a small key
-//! space, with valid and hostile arguments, and hostile `RESTORE` payloads (real
-//! `DUMP`s of the module's values, mutated and re-sealed with a valid checksum), on a
-//! primary with `appendfsync always` and an attached replica.
+//! space, with valid and hostile arguments (amounts near 2^63 and 2^64, ids shared
+//! across commands, empty and oversized strings, wrong types, MULTI/EXEC, scripts,
+//! RESP3), and hostile `RESTORE` payloads (real `DUMP`s of the module's values, mutated
+//! and re-sealed with a valid checksum), on a primary with `appendfsync always` and an
+//! attached replica.
 //!
 //! Every reply must be a value or an error reply with a known code; "internal error",
-//! a dropped connection, a hang or a panic in the server log is a failure. A hostile
-//! `RESTORE` must be refused, or leave a key that every command then serves. After
-//! every batch: `DEBUG RELOAD` keeps the digest and `DBSIZE`, a `RESTORE` of a `DUMP`
-//! is accepted, and the replica reaches the primary's digest and plans. At the end, a
-//! `kill -9` and a restart from the AOF keep the digest, and a fresh replica's full
-//! sync reaches it.
+//! a dropped connection, a hang or a panic in a server log is a failure. A `RESTORE`
+//! of a `DUMP` must be accepted; a hostile one must be refused, or leave a key that
+//! every command then serves. After every batch of commands: each credits key's
+//! balance is the sum of its blocks, `DEBUG RELOAD` keeps the digest, `DBSIZE` and
+//! plans, and the replica reaches the primary's digest and plans. Every 12th batch
+//! and at the end, a `kill -9` and a restart from the AOF keep the digest, and the
+//! replica's full sync from the restarted primary reaches it.
 //!
 //! `TOLLGATE_FUZZ_SECONDS` sets the length (default 20; `make fuzz` runs 10 minutes),
 //! `TOLLGATE_FUZZ_SEED` the seed (`random` picks one; unset: a fixed one, so `make
-//! test` is repeatable). A failure prints the seed, the reason and the last commands,
-//! quoted so they can be pasted into `redis-cli`.
+//! test` is repeatable). After a failure the driver starts fresh servers and goes on
+//! until the time is up, and fails with every distinct failure found: each with the
+//! seed, the last commands (quoted for `redis-cli`), the server logs, and the failing
+//! sequence minimized by replaying it on fresh servers (`TOLLGATE_FUZZ_MINIMIZE`
+//! seconds per failure, default 60, 0 to skip).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
