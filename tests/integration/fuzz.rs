@@ -671,6 +671,8 @@ struct Stats {
     aof_restarts: u64,
     restores_hostile: u64,
     restores_accepted: u64,
+    /// `RL.APPLY` calls with a payload the primary wrote to its AOF.
+    forged_applies: u64,
     quiet_wait_ms: u64,
 }
 
@@ -680,6 +682,9 @@ struct Features {
     compact: bool,
     usage: bool,
     also: bool,
+    /// `RL.APPLY` is refused from ordinary clients (then the driver sends it, with
+    /// real payloads taken from the AOF, and every call must fail).
+    apply_refused: bool,
 }
 
 struct Fuzzer {
@@ -705,6 +710,8 @@ struct Fuzzer {
     group: Option<Vec<Args>>,
     /// What the driver is doing, which names the kind of a failure.
     phase: Kind,
+    /// `RL.APPLY` (key, payload) pairs the primary wrote to its AOF.
+    applies: Vec<(Vec<u8>, Vec<u8>)>,
     /// Error replies by command and message, to see what the generator spends on.
     error_counts: BTreeMap<String, u64>,
 }
@@ -736,6 +743,8 @@ struct Step {
     copy: bool,
     /// Sent on a RESP3 connection.
     resp3: bool,
+    /// Must be refused (`RL.APPLY` from a client).
+    refused: bool,
 }
 
 /// Sends one command: a value, an ordinary error reply, or a failure (a bad error
@@ -833,6 +842,7 @@ impl Fuzzer {
             trace: Vec::new(),
             group: None,
             phase: Kind::Reply,
+            applies: Vec::new(),
             error_counts: BTreeMap::new(),
         }
     }
@@ -928,6 +938,7 @@ impl Fuzzer {
                     commands: vec![args.to_vec()],
                     copy: false,
                     resp3: self.resp3,
+                    refused: false,
                 }),
             }
         }
@@ -974,9 +985,13 @@ impl Fuzzer {
     }
 
     fn install_plans(&mut self) -> Check {
+        // Drop every plan first: edited plans may hold fallbacks and limits that the
+        // base plans would conflict with.
+        let listed = self.must(&["RL.PLAN.LIST"])?;
+        for plan in keys_of(&listed) {
+            self.call(&[b"RL.PLAN.DEL".to_vec(), plan])?;
+        }
         for (plan, fields) in BASE_PLANS {
-            // Drop what earlier commands added, so the base plans are exactly these.
-            self.call_str(&["RL.PLAN.DEL", plan])?;
             let mut items = vec!["RL.PLAN.SET", *plan];
             for (field, spec) in *fields {
                 items.push(field);
@@ -1004,6 +1019,10 @@ impl Fuzzer {
         self.features.also = self
             .call_str(&["RL.PEEK", "s:1", "free", "ALSO", "1", "s:2", "pro"])?
             .is_ok();
+        self.features.apply_refused = match self.call_str(&["RL.APPLY", "s:1", "x"])? {
+            Reply::Error(e) => !e.contains("invalid RL.APPLY payload"),
+            Reply::Value(_) => false,
+        };
         Ok(())
     }
 
@@ -1099,7 +1118,7 @@ impl Fuzzer {
     }
 
     fn also(&mut self, a: &mut Args) {
-        let pairs = self.rng.below(3);
+        let pairs = 1 + self.rng.below(3);
         let count = if self.rng.chance(10) {
             self.rng
                 .pick(&["0", "-1", "3", "18446744073709551615", "x"])
@@ -1403,6 +1422,25 @@ impl Fuzzer {
             }
             51..=55 => self.plan_command(),
             56..=83 => self.credits_command(),
+            87 | 88 if self.features.apply_refused => {
+                // A forgery: a real effect the primary replicated, or garbage.
+                match self.applies.len() {
+                    0 => {
+                        let key = self.any_key();
+                        args(&["RL.APPLY", key, "\x01\x02"])
+                    }
+                    n => {
+                        self.stats.forged_applies += 1;
+                        let (key, payload) = self.applies[self.rng.below(n)].clone();
+                        let key = if self.rng.chance(50) {
+                            key
+                        } else {
+                            self.any_key().into()
+                        };
+                        vec![b"RL.APPLY".to_vec(), key, payload]
+                    }
+                }
+            }
             84..=86 if self.features.usage => {
                 let key = self.subject_key();
                 let plan = self.plan();
@@ -1443,6 +1481,7 @@ impl Fuzzer {
                     commands: group,
                     copy: false,
                     resp3: false,
+                    refused: false,
                 });
             }
         } else {
@@ -1769,6 +1808,9 @@ impl Fuzzer {
             if self.rng.chance(30) {
                 self.install_plans()?;
             }
+            if self.features.apply_refused {
+                self.applies = aof_applies(&self.primary().dir);
+            }
             let size = 100 + self.rng.below(500);
             for _ in 0..size {
                 let roll = self.rng.below(100);
@@ -1781,7 +1823,18 @@ impl Fuzzer {
                 } else {
                     let c = self.command();
                     self.resp3 = self.rng.chance(15);
-                    self.call(&c)?;
+                    let reply = self.call(&c)?;
+                    if c[0] == b"RL.APPLY" {
+                        if let Some(step) = self.trace.last_mut() {
+                            step.refused = true;
+                        }
+                        if reply.is_ok() {
+                            return Err(format!(
+                                "RL.APPLY from an ordinary client was obeyed: {}",
+                                command_line(&c)
+                            ));
+                        }
+                    }
                 }
             }
             self.check_batch()?;
@@ -1822,6 +1875,53 @@ impl Fuzzer {
         }
         out
     }
+}
+
+/// The `RL.APPLY` commands (key, payload) in a server's AOF, the last 64.
+fn aof_applies(dir: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("appendonlydir")) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.to_string_lossy().ends_with(".incr.aof") {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut pos = 0;
+        while let Some(command) = resp_command(&bytes, &mut pos) {
+            if let [name, key, payload] = command.as_slice() {
+                if name.eq_ignore_ascii_case(b"RL.APPLY") {
+                    found.push((key.clone(), payload.clone()));
+                }
+            }
+        }
+    }
+    let skip = found.len().saturating_sub(64);
+    found.split_off(skip)
+}
+
+/// One command (`*n` of `$len` strings) of an AOF.
+fn resp_command(b: &[u8], pos: &mut usize) -> Option<Vec<Vec<u8>>> {
+    let line = |pos: &mut usize, prefix: u8| -> Option<usize> {
+        let rest = b.get(*pos..)?;
+        let end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let text = std::str::from_utf8(rest.get(1..end)?).ok()?;
+        (*rest.first()? == prefix).then_some(())?;
+        *pos += end + 2;
+        text.parse().ok()
+    };
+    let n = line(pos, b'*')?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = line(pos, b'$')?;
+        out.push(take(b, pos, len)?.to_vec());
+        *pos += 2;
+    }
+    Some(out)
 }
 
 fn log_tail(log: &str, n: usize) -> Vec<&str> {
@@ -2224,8 +2324,10 @@ fn reproduces(steps: &[Step], kind: Kind) -> bool {
         }
         let on = if step.resp3 { &mut con3 } else { &mut con };
         for command in &step.commands {
-            if send(on, command).1.is_err() {
-                return kind == Kind::Reply;
+            match send(on, command).1 {
+                Err(_) => return kind == Kind::Reply,
+                Ok(Reply::Value(_)) if step.refused => return kind == Kind::Reply,
+                Ok(_) => {}
             }
         }
     }
@@ -2373,6 +2475,7 @@ fn random_commands_and_hostile_restores_keep_reload_replica_and_aof_exact() {
                         commands: group,
                         copy: false,
                         resp3: false,
+                        refused: false,
                     });
                 }
                 let total = trace.len();
