@@ -986,10 +986,15 @@ impl Fuzzer {
 
     fn install_plans(&mut self) -> Check {
         // Drop every plan first: edited plans may hold fallbacks and limits that the
-        // base plans would conflict with.
+        // base plans would conflict with. The default plan cannot be deleted, so a
+        // placeholder is the default meanwhile.
+        self.must(&["RL.PLAN.SET", "fuzz:default", "rpd", "fixed 100/1d"])?;
+        self.must(&["RL.PLAN.DEFAULT", "fuzz:default"])?;
         let listed = self.must(&["RL.PLAN.LIST"])?;
         for plan in keys_of(&listed) {
-            self.call(&[b"RL.PLAN.DEL".to_vec(), plan])?;
+            if plan != b"fuzz:default" {
+                self.call(&[b"RL.PLAN.DEL".to_vec(), plan])?;
+            }
         }
         for (plan, fields) in BASE_PLANS {
             let mut items = vec!["RL.PLAN.SET", *plan];
@@ -1000,6 +1005,7 @@ impl Fuzzer {
             self.must(&items)?;
         }
         self.must(&["RL.PLAN.DEFAULT", "free"])?;
+        self.must(&["RL.PLAN.DEL", "fuzz:default"])?;
         Ok(())
     }
 
