@@ -79,7 +79,7 @@ test-python: deps ## The Python client and ASGI middleware (clients/python) agai
 test-clients: deps ## Raw redis-py, ioredis and node-redis against a server and a 3+3 cluster (tests/clients), on Redis and Valkey
 	$(CARGO) build -p tollgate
 	@command -v node >/dev/null && command -v npm >/dev/null || \
-		{ echo "make test-clients needs node (>= 20) and npm" >&2; exit 1; }
+		{ echo "make test-clients needs node (>= 18) and npm (make deps installs them)" >&2; exit 1; }
 	@cd tests/clients/node && { [ node_modules/.package-lock.json -nt package-lock.json ] || \
 		npm ci --no-audit --no-fund --loglevel=error; }
 	@set -e; py=$$(scripts/venv.sh tests/clients/requirements.txt); \

@@ -12,6 +12,9 @@ fi
 if ! "$(dirname "$0")/find-libclang.sh" >/dev/null; then
     missing+=(libclang-dev)
 fi
+# The Node clients' tests (ioredis, node-redis) need node and npm.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "installing: ${missing[*]}"
