@@ -148,7 +148,15 @@ pub enum Accept {
 }
 
 fn is_keyword(args: &Args<'_>, i: usize) -> bool {
-    KEYWORDS.iter().any(|k| args.is(i, k))
+    // Most arguments are unit names and amounts: the length rules them out cheaply.
+    let Some(bytes) = args.bytes(i) else {
+        return false;
+    };
+    (2..=8).contains(&bytes.len())
+        && !bytes.first().is_some_and(u8::is_ascii_digit)
+        && KEYWORDS
+            .iter()
+            .any(|k| bytes.eq_ignore_ascii_case(k.as_bytes()))
 }
 
 /// The index of the value after keyword `i`, or an error naming the keyword.

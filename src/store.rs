@@ -61,16 +61,15 @@ pub fn write_subject(
     let expiry = match key.value_mut::<Subject>() {
         Some(subject) => {
             let before = requests_len(Some(subject));
-            change.apply(subject);
+            let expiry = change.apply_for_expiry(subject);
             crate::state::track_requests(before, requests_len(Some(subject)));
-            key_expiry(subject.expiry())
+            key_expiry(expiry)
         }
         None => {
             // A replica creates the key from the same delta on the same empty subject
             // (its instant and layout come from the change, if it has a limit part).
             let mut subject = Box::new(Subject::new(Arc::new(Layout::empty()), 0));
-            change.apply(&mut subject);
-            let expiry = key_expiry(subject.expiry());
+            let expiry = key_expiry(change.apply_for_expiry(&mut subject));
             if expiry == KeyExpiry::Delete {
                 // Nothing to remember (e.g. a zero-cost call on a new subject).
                 *payload = w.into_inner();

@@ -22,7 +22,7 @@ use crate::codec::{bad, DecodeError, Reader, Writer};
 use crate::delta::{read_expiry, write_expiry, KeyExpiry};
 use crate::layout::{Layout, LayoutInterner};
 use crate::requests::{decode_request, encode_request, Request, MAX_EXPIRY_MS, MAX_ID_LEN};
-use crate::subject::{Ended, Subject, Words, MAX_SEQ};
+use crate::subject::{Ended, Expiry, Subject, Words, MAX_SEQ};
 use crate::time::MAX_INSTANT_MS;
 
 /// First byte of a subject delta of the current format.
@@ -77,12 +77,19 @@ impl Change {
     /// Applies the change to `subject`. Cannot fail: the change was computed from
     /// this subject (or validated against it, for a decoded delta).
     pub fn apply(self, subject: &mut Subject) {
+        self.apply_for_expiry(subject);
+    }
+
+    /// Applies the change to `subject` and says when its key may now expire (computed
+    /// from the words the change brings, without unpacking them again).
+    pub fn apply_for_expiry(self, subject: &mut Subject) -> Expiry {
         if let Some(t) = self.purge_at {
             subject.purge_expired(t);
         }
-        if let Some(limits) = self.limits {
+        let words = self.limits.map(|limits| {
             subject.set_limits(limits.updated_ms, limits.layout, &limits.words);
-        }
+            limits.words
+        });
         if let Some(id) = self.removed {
             let subject_now = subject.updated_ms();
             if let Some(extra) = subject.extra.as_deref_mut() {
@@ -103,6 +110,10 @@ impl Change {
             subject.extra_mut().keep_until = until;
         }
         subject.tidy();
+        match words {
+            Some(words) => subject.expiry_with(&words),
+            None => subject.expiry(),
+        }
     }
 
     /// Applies the change to the subject in `slot`, creating it empty if there is none

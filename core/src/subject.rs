@@ -102,29 +102,34 @@ pub struct Packed(smallvec::SmallVec<[u8; PACKED_INLINE]>);
 
 impl Packed {
     fn pack(layout: &Layout, updated_ms: u64, words: &[u64]) -> Packed {
-        let mut w = crate::codec::Writer::with_buffer(Vec::new());
         let mut bytes = smallvec::SmallVec::new();
-        for (i, slot) in layout.slots().iter().enumerate() {
-            for (j, &word) in words.get(layout.range(i)).unwrap_or(&[]).iter().enumerate() {
+        let mut offset = 0;
+        for slot in layout.slots() {
+            let n = slot.shape.words();
+            for (j, &word) in words
+                .get(offset..offset + n)
+                .unwrap_or(&[])
+                .iter()
+                .enumerate()
+            {
                 let word = match (slot.shape, j) {
                     (Shape::Bucket { .. }, 0) => zigzag(i128::from(updated_ms) - i128::from(word)),
                     _ => word,
                 };
-                w.buf.clear();
-                w.varint(word);
-                bytes.extend_from_slice(&w.buf);
+                push_varint(&mut bytes, word);
             }
+            offset += n;
         }
         Packed(bytes)
     }
 
     fn unpack(&self, layout: &Layout, updated_ms: u64) -> Words {
-        let mut words = Words::with_capacity(layout.words());
-        let mut r = Reader::new(&self.0);
+        let mut words = Words::new();
+        let mut bytes = self.0.iter();
         for slot in layout.slots() {
             for j in 0..slot.shape.words() {
-                // Packed by `pack` for this layout: a read cannot fail.
-                let word = r.varint().unwrap_or(0);
+                // Packed by `pack` for this layout: a short read is impossible.
+                let word = next_varint(&mut bytes);
                 words.push(match (slot.shape, j) {
                     (Shape::Bucket { .. }, 0) => unzigzag(updated_ms, word),
                     _ => word,
@@ -142,6 +147,29 @@ impl Packed {
             0
         }
     }
+}
+
+/// Appends `v` as a LEB128 varint.
+fn push_varint(bytes: &mut smallvec::SmallVec<[u8; PACKED_INLINE]>, mut v: u64) {
+    while v >= 0x80 {
+        bytes.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    bytes.push(v as u8);
+}
+
+/// Reads one LEB128 varint (0 at the end of the bytes).
+fn next_varint(bytes: &mut std::slice::Iter<'_, u8>) -> u64 {
+    let mut value = 0u64;
+    let mut shift = 0u32;
+    for &byte in bytes.by_ref() {
+        value |= u64::from(byte & 0x7f).checked_shl(shift).unwrap_or(0);
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    value
 }
 
 /// A distance as an unsigned varint: 0, -1, 1, -2, ... → 0, 1, 2, 3, ...
@@ -383,6 +411,11 @@ impl Subject {
 
     /// When the key may expire: the latest instant any slot or request is busy until.
     pub fn expiry(&self) -> Expiry {
+        self.expiry_with(&self.words())
+    }
+
+    /// [`Subject::expiry`], given the subject's words (already unpacked).
+    pub fn expiry_with(&self, words: &[u64]) -> Expiry {
         if self.assigned().is_some() {
             return Expiry::Never;
         }
@@ -400,7 +433,6 @@ impl Subject {
             .and_then(Requests::last_expiry)
             .max(keep)
             .max(ended);
-        let words = self.words();
         for (i, slot) in self.layout.slots().iter().enumerate() {
             let w = words.get(self.layout.range(i)).unwrap_or(&[]);
             latest = latest.max(slot_idle_at(slot.shape, w, self.updated_ms));

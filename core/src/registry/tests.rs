@@ -71,12 +71,15 @@ fn local_changes_return_the_change_that_reproduces_them() {
     assert_eq!(a.version(), 1_002);
     assert_eq!(b.version(), 1_002);
     assert_eq!(b.newest(), 1_002);
+    // The default plan cannot be deleted: clear the default first.
+    assert!(a.delete_by(by("n1", 0), "p", &[], &mut interner).is_err());
+    assert!(a.set_default_by(by("n1", 0), None).is_ok());
     // Pruning the newest change (a deletion) lowers `newest`, never the clock.
     assert!(a.delete_by(by("n1", 0), "p", &[], &mut interner).is_ok());
+    assert_eq!(a.newest(), 1_004);
+    a.prune(1_004 + TOMBSTONE_RETENTION_MS + 1);
     assert_eq!(a.newest(), 1_003);
-    a.prune(1_003 + TOMBSTONE_RETENTION_MS + 1);
-    assert_eq!(a.newest(), 1_002);
-    assert_eq!(a.version(), 1_003);
+    assert_eq!(a.version(), 1_004);
 }
 
 #[test]
