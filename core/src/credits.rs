@@ -658,6 +658,10 @@ impl Credits {
                 return bad("id appears twice");
             }
             if let Recorded::Deduct { parts, .. } = &remembered.recorded {
+                // A deduction took from blocks granted before it: never a later one.
+                if parts.iter().any(|((_, seq), _)| *seq > next_seq) {
+                    return bad("a deduction refers to a block not granted yet");
+                }
                 for (part, _) in parts {
                     if let Some(block) = credits.blocks.get_mut(part) {
                         block.refs = block.refs.saturating_add(1);
@@ -994,6 +998,27 @@ mod tests {
             grant(&mut good, 1, Some(MAX_INSTANT_MS + 1), None, 0),
             Err(CreditsError::ExpiryOutOfRange)
         );
+    }
+
+    #[test]
+    fn a_deduction_from_a_block_not_granted_yet_is_refused_at_decode() {
+        // Accepting it would let a later GRANT take that seq and gain a reference
+        // only a reload counts: the value would change across DEBUG RELOAD.
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 5, None, Some("a"), 0), Ok(5));
+        assert_eq!(deduct(&mut c, 2, false, Some("d"), 0), (2, 3));
+        let encode = |c: &Credits| {
+            let mut w = Writer::new();
+            c.encode(&mut w);
+            w.into_inner()
+        };
+        assert!(Credits::decode(&encode(&c)).is_ok());
+        let mut rewound = c.clone();
+        rewound.next_seq = 0;
+        rewound.blocks.clear();
+        rewound.block_ids.clear();
+        rewound.total = 0;
+        assert!(Credits::decode(&encode(&rewound)).is_err());
     }
 
     #[test]
