@@ -107,7 +107,7 @@ check: ## What CI runs: fmt check (first: fails fast), clippy -D warnings, then 
 	@$(MAKE) --no-print-directory clippy
 	@$(MAKE) --no-print-directory test
 
-bench: release ## Server-side cost vs INCR, redis-benchmark throughput, bytes per subject, core benches (+ bench-python, bench-rls)
+bench: release ## Cost per call vs INCR, redis-cell and Lua; ALSO levels; throughput; memory; targets met or not; core benches (+ bench-python, bench-rls)
 	$(CARGO) run --release -p tollgate-bench -- $(RELEASE_SO)
 	$(CARGO) bench -p tollgate-bench --bench decision -- --warm-up-time 1 --measurement-time 3
 	@$(MAKE) --no-print-directory bench-python

@@ -1,14 +1,20 @@
 //! `make bench`: the end-to-end benchmark driver.
 //!
-//! Starts its own redis-server with the release module on a free loopback port, then
-//! reports, from one run:
-//! - server-side cost (`usec_per_call` from `INFO commandstats`) of each scenario and
-//!   of `INCR`, and their ratio;
-//! - `redis-benchmark` throughput of each scenario with `-P 1` and `-P 16` over
-//!   100,000 random subjects;
-//! - memory per active subject (`used_memory` delta / subjects).
+//! Starts its own redis-server processes (the release module, and redis-cell built
+//! from crates.io by `cell.rs`) on free loopback ports and prints, from one run:
+//! - server-side cost per call (`INFO commandstats`) of `INCR`, redis-cell's
+//!   `CL.THROTTLE`, `RL.THROTTLE`, `RL.ACQUIRE` (1 and 3 limits, map and `COMPACT`),
+//!   the same 3-limit policy as one Lua script, and `RL.APPLY` on a replica;
+//! - hierarchies: `RL.ACQUIRE ... ALSO` over 1-4 levels against sequential
+//!   single-key calls and one Lua script over the same keys;
+//! - `redis-benchmark` throughput at `-P 1` and `-P 16` over 100,000 random subjects;
+//! - memory per subject and where it goes, and `MEMORY USAGE` of a large credits key;
+//! - the targets of issues 14 and 12 next to the measured ratios (met or not);
+//! - leases, credits and waiting clients (earlier issues).
 //!
 //! Speed targets live here, never in tests: the figures vary with the machine.
+//! `TOLLGATE_BENCH_CALLS` (default 50,000 calls per row and round) and
+//! `TOLLGATE_BENCH_ROUNDS` (default 5) trade time for steadier figures.
 
 // A benchmark driver, not module code: stopping loudly on any failure is the point.
 #![allow(
@@ -18,145 +24,35 @@
     clippy::expect_used
 )]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod cell;
+mod compare;
+mod load;
+mod memory;
+mod server;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const SUBJECTS: u64 = 100_000;
+use server::{
+    cmd, connect, info, info_field, redis_benchmark, redis_version, start_node, usec_per_call,
+    Server,
+};
 
-struct Server {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
+const SUBJECTS: u64 = compare::SUBJECTS;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_server(module: &str) -> Server {
-    start_node(module, &[])
-}
-
-fn start_node(module: &str, extra: &[&str]) -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"));
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{port}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .args(extra)
-        .args(["--loadmodule", module])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
-    let server = Server { child, port, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if connect(port).is_ok() {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("redis-server did not start");
-}
-
-fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
-    redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()
-}
-
-fn cmd(con: &mut redis::Connection, args: &[&str]) -> redis::Value {
-    let mut c = redis::cmd(args[0]);
-    for a in &args[1..] {
-        c.arg(*a);
-    }
-    c.query(con).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn info(con: &mut redis::Connection, section: &str) -> String {
-    match cmd(con, &["INFO", section]) {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("INFO gave {other:?}"),
-    }
-}
-
-fn info_field(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
-}
-
-/// `usec_per_call` of `command` since the last `CONFIG RESETSTAT`.
-fn usec_per_call(con: &mut redis::Connection, command: &str) -> f64 {
-    let stats = info(con, "commandstats");
-    let line = info_field(&stats, &format!("cmdstat_{command}:")).unwrap_or_default();
-    line.split(',')
-        .find_map(|kv| kv.strip_prefix("usec_per_call="))
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
+        .unwrap_or(default)
 }
 
-/// Requests per second `redis-benchmark` reports for `args` (CSV output), with
-/// `__rand_int__` drawn from the random subjects.
 fn throughput(port: u16, pipeline: u32, requests: u64, args: &[&str]) -> f64 {
-    throughput_over(port, pipeline, requests, SUBJECTS, args)
+    redis_benchmark(port, pipeline, requests, SUBJECTS, args)
 }
 
-/// Like [`throughput`], with `__rand_int__` drawn from `0..range`.
 fn throughput_over(port: u16, pipeline: u32, requests: u64, range: u64, args: &[&str]) -> f64 {
-    let output = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-c",
-            "50",
-            "--csv",
-            "-r",
-            &range.to_string(),
-        ])
-        .args(["-n", &requests.to_string(), "-P", &pipeline.to_string()])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run redis-benchmark: {e}"));
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .filter(|l| !l.starts_with("\"test\""))
-        .find_map(|l| {
-            l.split(',')
-                .nth(1)
-                .map(|v| v.trim_matches('"').parse::<f64>().unwrap_or(f64::NAN))
-        })
-        .unwrap_or(f64::NAN)
-}
-
-struct Scenario {
-    name: &'static str,
-    /// The command as `redis-benchmark` sends it (`__rand_int__` picks a subject).
-    args: Vec<&'static str>,
-    /// The `cmdstat_` name its server-side cost is read from.
-    stat: &'static str,
-    /// Whether to measure memory per subject.
-    memory: bool,
+    redis_benchmark(port, pipeline, requests, range, args)
 }
 
 fn main() {
@@ -178,109 +74,70 @@ fn main() {
         cluster_bench(&module);
         return;
     }
-    let server = start_server(&module);
-    let port = server.port;
-    let mut con = connect(port).unwrap_or_else(|e| panic!("{e}"));
-    for (plan, fields) in [
-        ("one", vec!["rpm", "sliding 100000000/1m"]),
-        (
-            "three",
-            vec![
-                "rpm",
-                "sliding 100000000/1m",
-                "rpd",
-                "fixed 1000000000/1d",
-                "tpm",
-                "bucket 1000000000 token/1m",
-            ],
-        ),
-    ] {
-        let mut args = vec!["RL.PLAN.SET", plan];
-        args.extend(fields);
-        cmd(&mut con, &args);
-    }
-    let scenarios = [
-        Scenario {
-            name: "INCR",
-            args: vec!["INCR", "counter:__rand_int__"],
-            stat: "incr",
-            memory: false,
-        },
-        Scenario {
-            name: "SET EX (reference: any key with a TTL)",
-            args: vec!["SET", "plain:__rand_int__", "1", "EX", "3600"],
-            stat: "set",
-            memory: true,
-        },
-        Scenario {
-            name: "RL.ACQUIRE, 1 limit (sliding)",
-            args: vec!["RL.ACQUIRE", "one:__rand_int__", "one"],
-            stat: "rl.acquire",
-            memory: true,
-        },
-        Scenario {
-            name: "RL.ACQUIRE, 3 limits (sliding+fixed+bucket)",
-            args: vec![
-                "RL.ACQUIRE",
-                "three:__rand_int__",
-                "three",
-                "1",
-                "COST",
-                "token",
-                "100",
-            ],
-            stat: "rl.acquire",
-            memory: true,
-        },
-    ];
-    let requests: u64 = std::env::var("TOLLGATE_BENCH_REQUESTS")
+    let started = Instant::now();
+    // target/release/tollgate-bench -> target/
+    let target_dir = std::env::current_exe()
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300_000);
+        .and_then(|exe| exe.parent()?.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| std::path::PathBuf::from("target"));
     println!(
-        "Tollgate end-to-end bench: redis-server {}, module {module}",
-        redis_version(&mut con)
+        "Building redis-cell {} from crates.io into {} ...",
+        cell::VERSION,
+        target_dir.join("redis-cell").display()
     );
-    println!("{requests} requests per run, 50 clients, {SUBJECTS} random subjects\n");
-    let mut costs = Vec::new();
-    for s in &scenarios {
-        cmd(&mut con, &["FLUSHALL"]);
-        cmd(&mut con, &["CONFIG", "RESETSTAT"]);
-        let p1 = throughput(port, 1, requests, &s.args);
-        let usec = usec_per_call(&mut con, s.stat);
-        let p16 = throughput(port, 16, requests * 3, &s.args);
-        let bytes = if s.memory {
-            Some(bytes_per_subject(&mut con, &s.args))
-        } else {
-            None
-        };
-        costs.push((s.name, usec, p1, p16, bytes));
-    }
-    let incr = costs.first().map_or(f64::NAN, |c| c.1);
-    let incr_p1 = costs.first().map_or(f64::NAN, |c| c.2);
-    let incr_p16 = costs.first().map_or(f64::NAN, |c| c.3);
-    println!(
-        "{:<46} {:>9} {:>7} {:>12} {:>7} {:>12} {:>7} {:>10}",
-        "scenario", "usec/call", "x INCR", "rps -P 1", "x INCR", "rps -P 16", "x INCR", "B/subject"
-    );
-    for (name, usec, p1, p16, bytes) in &costs {
+    let cell = cell::build(&target_dir).map(|p| p.display().to_string());
+    let settings = compare::Settings {
+        calls: env_or("TOLLGATE_BENCH_CALLS", 50_000).max(1_000),
+        rounds: env_or("TOLLGATE_BENCH_ROUNDS", 5).max(1) as usize,
+    };
+    {
+        let probe = start_node(std::slice::from_ref(&module), &[]);
+        let mut con = connect(probe.port).unwrap_or_else(|e| panic!("{e}"));
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!(
-            "{:<46} {:>9.3} {:>7.2} {:>12.0} {:>7.2} {:>12.0} {:>7.2} {:>10}",
-            name,
-            usec,
-            usec / incr,
-            p1,
-            p1 / incr_p1,
-            p16,
-            p16 / incr_p16,
-            bytes.map_or("-".to_string(), |b| format!("{b:.0}"))
+            "Tollgate end-to-end bench: redis-server {}, module {module}",
+            redis_version(&mut con)
+        );
+        match &cell {
+            Ok(path) => println!("redis-cell {} (crates.io; GitHub's 0.5.0 is unpublished, same GCRA and key handling): {path}", cell::VERSION),
+            Err(why) => println!("redis-cell: skipped, {why}"),
+        }
+        println!(
+            "{} CPUs, load average {} at start (a shared machine: medians of {} interleaved rounds, {} calls per row and round)\n",
+            std::thread::available_parallelism().map_or(0, usize::from),
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+            settings.rounds,
+            settings.calls
         );
     }
-    println!("\nTargets: 3-limit RL.ACQUIRE <= 1.5x INCR server-side; <= 200 bytes per subject.");
+    let mut figures = compare::run(&module, &cell, &settings);
+    let mut clock = Instant::now();
+    let bytes_three = memory::run(&module, cell.as_ref().ok().map(String::as_str));
+    figures.phases.push(("memory", clock.elapsed()));
+    clock = Instant::now();
+    compare::targets(&figures, bytes_three, true);
+
+    println!("\nOther figures (earlier issues), on a fresh server with the module alone");
+    let server = start_node(std::slice::from_ref(&module), &[]);
+    let port = server.port;
+    let mut con = connect(port).unwrap_or_else(|e| panic!("{e}"));
+    compare::set_plans(&mut con);
+    let incr = figures.usec("incr");
     leases(&mut con, port, incr);
     credits(&mut con, port, incr);
     waiters(&mut con, port, incr);
     drop(server);
+    figures.phases.push(("other", clock.elapsed()));
+    let phases: Vec<String> = figures
+        .phases
+        .iter()
+        .map(|(name, d)| format!("{name} {:.0}", d.as_secs_f64()))
+        .collect();
+    println!(
+        "\nbench took {:.0} s ({} s)",
+        started.elapsed().as_secs_f64(),
+        phases.join(", ")
+    );
 }
 
 /// `RL.CREDITS.DEDUCT` (plain and with an `ID`) and `RL.ACQUIRE ... CREDITS` on a
@@ -340,7 +197,7 @@ fn credits(con: &mut redis::Connection, port: u16, incr: f64) {
             }
             let _: () = pipe.query(con).unwrap_or_else(|e| panic!("{e}"));
             cmd(con, &["CONFIG", "RESETSTAT"]);
-            let rate = throughput_over(port, 16, 200_000, 1_000_000_000, args);
+            let rate = throughput_over(port, 16, 100_000, 1_000_000_000, args);
             let usec = usec_per_call(con, stat);
             println!(
                 "{:<34} {:>8} {:>10.3} {:>7.2} {:>12.0}",
@@ -405,7 +262,7 @@ fn waiters(con: &mut redis::Connection, port: u16, incr: f64) {
             std::thread::sleep(Duration::from_millis(20));
         }
         cmd(con, &["CONFIG", "RESETSTAT"]);
-        let rate = throughput(port, 16, 600_000, &args);
+        let rate = throughput(port, 16, 300_000, &args);
         let usec = usec_per_call(con, "rl.acquire");
         println!(
             "{:<34} {:>10.3} {:>7.2} {:>12.0}",
@@ -534,37 +391,6 @@ fn lease_cycles(port: u16, key: Option<&str>, pairs: u64) -> f64 {
     (pairs / threads * threads) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn redis_version(con: &mut redis::Connection) -> String {
-    info_field(&info(con, "server"), "redis_version:").unwrap_or_default()
-}
-
-/// `used_memory` growth per subject after creating `SUBJECTS` subjects with `args`.
-fn bytes_per_subject(con: &mut redis::Connection, args: &[&str]) -> f64 {
-    cmd(con, &["FLUSHALL"]);
-    let used = |con: &mut redis::Connection| -> f64 {
-        info_field(&info(con, "memory"), "used_memory:")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let before = used(con);
-    let mut pipe = redis::pipe();
-    for i in 0..SUBJECTS {
-        let key = args[1].replace("__rand_int__", &format!("{i:012}"));
-        let mut c = redis::cmd(args[0]);
-        c.arg(key);
-        for a in &args[2..] {
-            c.arg(*a);
-        }
-        pipe.add_command(c).ignore();
-        if i % 1_000 == 999 {
-            let _: () = pipe.query(con).unwrap_or_else(|e| panic!("{e}"));
-            pipe = redis::pipe();
-        }
-    }
-    let after = used(con);
-    (after - before) / SUBJECTS as f64
-}
-
 /// `make bench-cluster`: aggregate RL.ACQUIRE throughput of 1, 2 and 3 primaries under
 /// the same client load, and each node's server-side cost.
 fn cluster_bench(module: &str) {
@@ -581,7 +407,7 @@ fn cluster_bench(module: &str) {
         let nodes: Vec<Server> = (0..primaries)
             .map(|_| {
                 start_node(
-                    module,
+                    &[module.to_string()],
                     &[
                         "--cluster-enabled",
                         "yes",
