@@ -13,7 +13,8 @@
 -- ARGV: request cost, token cost, sliding capacity, sliding window ms, precision,
 --       fixed capacity, fixed window ms, bucket burst, bucket window ms.
 -- Reply, like RL.ACQUIRE ... COMPACT: allowed, retry_after_ms, index of the first
--- denying limit or -1, then remaining and reset_ms of every limit, key by key.
+-- denying limit or -1, then key by key: fallbacks taken (always 0 here), remaining
+-- and reset_ms of every limit.
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -123,6 +124,7 @@ for k = 1, #KEYS do
   if fused > 0 then fr = (fidx + 1) * fwin - now end
   local br = bcap - debt
   if br < 0 then br = 0 end
+  reply[#reply + 1] = 0
   reply[#reply + 1] = math.max(scap - used, 0)
   reply[#reply + 1] = sreset
   reply[#reply + 1] = math.max(fcap - fused, 0)

@@ -2,13 +2,9 @@
 //! USAGE` of one, where the bytes go, and `MEMORY USAGE` of a large credits key
 //! against what it really takes.
 
-use std::sync::Arc;
+use tollgate_core::subject::Subject;
 
-use tollgate_core::layout::LayoutInterner;
-use tollgate_core::plan::Plans;
-use tollgate_core::subject::{Subject, INLINE_WORDS};
-
-use crate::compare::{acquire, incr, set_ex, subject_key, throttle, SUBJECTS, THREE};
+use crate::compare::{acquire, incr, set_ex, subject_key, throttle, SUBJECTS};
 use crate::load::{push, Gen, Load, Order};
 use crate::server::{cmd, connect, info, info_field, start_node, used_memory};
 
@@ -122,8 +118,8 @@ pub fn run(tollgate: &str, cell: Option<&str>) -> f64 {
 
 /// Where a 3-limit subject's bytes go: Redis's per-key cost (what a `SET ... EX` key
 /// with a shared value costs), the two objects Redis wraps a module value in, and
-/// the module's own allocations (from the core's types: the subject box and, when the
-/// plan's words do not fit inline, the spilled words).
+/// the module's own allocations (the subject's box, and what the module's
+/// `mem_usage` counts outside it).
 fn breakdown(set_bytes: f64, set_usage: f64, three_bytes: f64, three_usage: f64) {
     // MEMORY USAGE of `SET k 1 EX n` (a shared integer) = robj 16 + key sds + 24.
     let key_sds = set_usage - 16.0 - 24.0;
@@ -133,31 +129,16 @@ fn breakdown(set_bytes: f64, set_usage: f64, three_bytes: f64, three_usage: f64)
     let value = three_bytes - set_bytes - wrappers;
     // What the module's mem_usage reports: MEMORY USAGE minus key sds and dictEntry.
     let reported = three_usage - key_sds - 24.0;
-    let mut interner = LayoutInterner::new();
-    let mut plans = Plans::new();
-    let fields: Vec<(&str, &str)> = THREE.chunks(2).map(|p| (p[0], p[1])).collect();
-    let words = match plans.set("three", &fields, &mut interner) {
-        Ok(_) => plans
-            .get("three")
-            .map_or(0, |p| Subject::new(Arc::clone(&p.layout), 0).words.len()),
-        Err(_) => 0,
-    };
+    // The box the module keeps as the value, and what its own count adds outside it
+    // (spilled state, rarely used parts).
     let boxed = std::mem::size_of::<Subject>();
-    // The module counts its box plus the spilled word buffer's capacity.
-    let buffer = (reported as usize).saturating_sub(boxed);
-    let spill = if words > INLINE_WORDS {
-        format!(
-            " + a spilled word buffer of {buffer} B ({} words of capacity for the plan's {words}, {INLINE_WORDS} fit inline)",
-            buffer / 8
-        )
-    } else {
-        format!(" (the plan's {words} words fit the {INLINE_WORDS} inline)")
-    };
+    let outside = (reported as usize).saturating_sub(boxed);
     println!(
         "Where a 3-limit subject's {three_bytes:.0} B go: Redis key {set_bytes:.0} (what a SET EX key costs: key name {key_sds:.0}, \
          dict entry 32, expire entry 32, hash-table slots {slots:.0}) + robj and moduleValue {wrappers:.0} + module value \
-         {value:.0} = Box<Subject> {boxed} (jemalloc {}){spill}. MEMORY USAGE says {three_usage:.0}: the module's {reported:.0} \
-         + key name + 24, without the expire entry, the wrappers, the slots and the dict entry's rounding.",
+         {value:.0} (Box<Subject> {boxed} B, a {} B allocation, + {outside} B outside it by the module's count). \
+         MEMORY USAGE says {three_usage:.0}: the module's {reported:.0} + key name + 24, without the expire entry, the \
+         wrappers, the slots and the allocator's rounding.",
         jemalloc(boxed),
     );
 }
