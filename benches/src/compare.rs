@@ -770,7 +770,7 @@ fn throughput(
     settings: &Settings,
     f: &mut Figures,
 ) {
-    let (n1, n16) = (settings.calls, settings.calls * 4);
+    let (n1, n16) = (settings.calls * 3 / 5, settings.calls * 4);
     let mut p1: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut p16: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut u16: HashMap<&str, Vec<f64>> = HashMap::new();
