@@ -203,6 +203,22 @@ fn merge_all<'a>(ctx: &Ctx, changes: &'a [Change]) -> Vec<&'a Change> {
                         cycle.first().copied().unwrap_or("")
                     ));
                 }
+                if let Some(conflict) = s.plans.fallback_unit_conflict(name) {
+                    notes.push(format!(
+                        "changes made at the same time on different nodes made a fallback \
+                         chain count one limit name in two units ({conflict}); calls stop \
+                         following fallbacks before the plan that counts it in another unit"
+                    ));
+                }
+            }
+            if let Some(missing) = s.plans.default_plan().filter(|d| s.plans.is_deleted(d)) {
+                if change.target().is_none() || change.target() == Some(missing) {
+                    notes.push(format!(
+                        "changes made at the same time on different nodes left the default \
+                         plan '{missing}' deleted: calls with plan '*' fail until it is \
+                         created again or another default is set (RL.PLAN.DEFAULT)"
+                    ));
+                }
             }
         }
     });

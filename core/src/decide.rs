@@ -688,16 +688,19 @@ fn decide_pair(
         return part;
     }
     let mut next = pair.plan.fallback.as_deref();
-    // A loop (only concurrent merges on two primaries can make one) ends the walk.
-    let mut tried: SmallVec<[&str; 4]> = smallvec::smallvec![&*pair.plan.name];
+    // A loop, or a fallback counting a limit name in another unit than a plan before
+    // it (only concurrent merges on two primaries can make either), ends the walk: a
+    // fallback never opens a second budget of one name.
+    let mut tried: SmallVec<[&Plan; 4]> = smallvec::smallvec![&**pair.plan];
     for hops in 1..=MAX_FALLBACK_DEPTH {
         let Some(plan) = next
-            .filter(|name| !tried.contains(name))
+            .filter(|name| tried.iter().all(|p| &*p.name != *name))
             .and_then(|name| plans.get(name))
+            .filter(|plan| tried.iter().all(|p| !counts_in_other_units(p, plan)))
         else {
             break;
         };
-        tried.push(&plan.name);
+        tried.push(plan);
         let fallback = evaluate(plan, pair.subject, call, now, lease_until);
         if fallback.admitted {
             return Part {
@@ -708,6 +711,15 @@ fn decide_pair(
         next = plan.fallback.as_deref();
     }
     part
+}
+
+/// Whether `a` and `b` count a limit of one name in different units.
+fn counts_in_other_units(a: &Plan, b: &Plan) -> bool {
+    a.limits.iter().any(|x| {
+        b.limits
+            .iter()
+            .any(|y| x.name == y.name && x.spec.unit != y.spec.unit)
+    })
 }
 
 /// Decides `call` over `pairs` (the first key, then its `ALSO` pairs) at `clock_ms`,

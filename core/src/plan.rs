@@ -18,6 +18,13 @@ pub enum ResolveError<'a> {
     /// `*` with no assigned plan and no default plan.
     NothingForStar,
     Unknown(&'a str),
+    /// `*` resolved to a plan that does not exist: the subject's assigned plan
+    /// (`assigned`) or the default plan, deleted since (on a cluster, possibly on
+    /// another primary at the same moment the default was set).
+    Dangling {
+        name: &'a str,
+        assigned: bool,
+    },
 }
 
 impl fmt::Display for ResolveError<'_> {
@@ -27,6 +34,22 @@ impl fmt::Display for ResolveError<'_> {
                 f.write_str("plan '*': the subject has no assigned plan and no default plan is set")
             }
             ResolveError::Unknown(name) => write!(f, "unknown plan '{name}'"),
+            ResolveError::Dangling {
+                name,
+                assigned: true,
+            } => write!(
+                f,
+                "plan '*': the subject's assigned plan '{name}' does not exist; \
+                 create it, or RL.ASSIGN the subject another plan"
+            ),
+            ResolveError::Dangling {
+                name,
+                assigned: false,
+            } => write!(
+                f,
+                "plan '*': the default plan '{name}' does not exist; create it or set \
+                 another default with RL.PLAN.DEFAULT"
+            ),
         }
     }
 }

@@ -470,6 +470,14 @@ impl Plans {
         }
     }
 
+    /// Whether `name` was deleted (its tombstone is still remembered).
+    pub fn is_deleted(&self, name: &str) -> bool {
+        matches!(
+            self.entries.get(name).map(|e| &e.state),
+            Some(State::Deleted)
+        )
+    }
+
     /// How many usable plans there are.
     pub fn len(&self) -> usize {
         self.usable
@@ -846,14 +854,18 @@ impl Plans {
         assigned: Option<&'a str>,
     ) -> Result<&'a Arc<Plan>, crate::plan::ResolveError<'a>> {
         use crate::plan::ResolveError;
-        let resolved = if name == "*" {
-            assigned
-                .or(self.default_plan())
-                .ok_or(ResolveError::NothingForStar)?
-        } else {
-            name
+        if name != "*" {
+            return self.get(name).ok_or(ResolveError::Unknown(name));
+        }
+        let (resolved, by_assignment) = match (assigned, self.default_plan()) {
+            (Some(plan), _) => (plan, true),
+            (None, Some(plan)) => (plan, false),
+            (None, None) => return Err(ResolveError::NothingForStar),
         };
-        self.get(resolved).ok_or(ResolveError::Unknown(resolved))
+        self.get(resolved).ok_or(ResolveError::Dangling {
+            name: resolved,
+            assigned: by_assignment,
+        })
     }
 
     /// The plans a chain starting at `start` visits, with `candidate` in place of the
@@ -878,6 +890,14 @@ impl Plans {
             next = plan.fallback.as_deref();
         }
         chain
+    }
+
+    /// Why a fallback chain through plan `name` counts one limit name in two units, if
+    /// it does (only concurrent changes on two primaries can make one: calls stop
+    /// following fallbacks where it happens).
+    pub fn fallback_unit_conflict(&self, name: &str) -> Option<PlanError> {
+        let plan = self.get(name)?;
+        self.check_fallback_units(plan).err()
     }
 
     /// Refuses `candidate` if a fallback chain through it (with it in place) would

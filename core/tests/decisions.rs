@@ -476,3 +476,41 @@ fn refilled_buckets_of_other_plans_do_not_pile_up() {
     let held = h.subject.as_ref().map_or(0, |s| s.layout().len());
     assert!(held <= 2, "the subject holds {held} slots");
 }
+
+#[test]
+fn a_fallback_that_concurrent_changes_made_count_a_limit_in_another_unit_is_not_followed() {
+    use tollgate_core::registry::{Author, Plans};
+    // Two primaries each accept one change; merged, the chain `ua -> ub` counts
+    // `d` in usd and in token, which RL.PLAN.SET refuses on one node.
+    let mut h = Harness::new(T);
+    h.plan("ua", &[("d", "fixed 10 usd/1d")]);
+    h.plan("ub", &[("d", "fixed 10 usd/1d")]);
+    let mut other = h.plans.clone();
+    let at = |origin| Author { origin, now_ms: T };
+    let (_, to_token) = other
+        .set_by(
+            at("b"),
+            "ub",
+            &[("d", "fixed 10 token/1d")],
+            &mut h.interner,
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let (_, fallback) = h
+        .plans
+        .set_by(at("a"), "ua", &[("fallback", "ub")], &mut h.interner)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let mut merged: Plans = h.plans.clone();
+    merged.merge(&to_token, T, &mut h.interner);
+    other.merge(&fallback, T, &mut h.interner);
+    assert_eq!(merged.sync_digest(), other.sync_digest());
+    assert!(merged.fallback_unit_conflict("ub").is_some());
+    h.plans = merged;
+    let r = h.acquire_costs("ua", 1, &[("usd", 10), ("token", 10)]);
+    assert!(r.allowed());
+    let r = h.acquire_costs("ua", 1, &[("usd", 10), ("token", 10)]);
+    assert!(
+        !r.allowed(),
+        "the usd budget is spent: ub's token budget must not admit"
+    );
+    assert_eq!(&*r.plan().name, "ua");
+}

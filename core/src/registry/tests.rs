@@ -488,3 +488,45 @@ fn max_plans_still_bounds_local_creation() {
     assert_eq!(plans.merge(&c, 0, &mut interner), Merged::Applied);
     assert_eq!(plans.len(), MAX_PLANS + 1);
 }
+
+#[test]
+fn a_default_deleted_by_a_concurrent_change_resolves_to_a_clear_error() {
+    use crate::plan::ResolveError;
+    let mut interner = LayoutInterner::new();
+    let mut a = Plans::new();
+    let (_, created) = a
+        .set_by(by("a", 0), "cp", &[("x", "cap 1")], &mut interner)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let mut b = Plans::new();
+    assert_eq!(merge(&mut b, &created), Merged::Applied);
+    // b deletes `cp` while a makes it the default: each is fine alone.
+    let (_, deleted) = b
+        .delete_by(by("b", 0), "cp", &[], &mut interner)
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let deleted = deleted.unwrap_or_else(|| unreachable!());
+    let made_default = a
+        .set_default_by(by("a", 0), Some("cp"))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    assert_eq!(merge(&mut a, &deleted), Merged::Applied);
+    assert_eq!(merge(&mut b, &made_default), Merged::Applied);
+    assert_eq!(a.sync_digest(), b.sync_digest());
+    assert!(a.is_deleted("cp"));
+    assert_eq!(
+        a.resolve("*", None).err(),
+        Some(ResolveError::Dangling {
+            name: "cp",
+            assigned: false
+        })
+    );
+    assert_eq!(
+        a.resolve("*", Some("cp")).err(),
+        Some(ResolveError::Dangling {
+            name: "cp",
+            assigned: true
+        })
+    );
+    assert_eq!(
+        a.resolve("cp", None).err(),
+        Some(ResolveError::Unknown("cp"))
+    );
+}
