@@ -67,10 +67,19 @@ impl Attempted {
     }
 }
 
-fn count_denial(stats: &mut Stats, d: &Decision) {
-    let Verdict::Limits { part } = d.verdict else {
-        stats.denied_credits += u64::from(d.verdict == Verdict::Credits);
-        return;
+/// Counts a denial by what denied (a `WAIT` that ran out while the limits would admit
+/// was denied by the queue).
+pub fn count_denial(stats: &mut Stats, d: &Decision) {
+    let part = match d.verdict {
+        Verdict::Limits { part } => part,
+        Verdict::Credits => {
+            stats.denied_credits += 1;
+            return;
+        }
+        Verdict::Admitted => {
+            stats.denied_queue += 1;
+            return;
+        }
     };
     let Some(part) = d.parts.get(part) else {
         return;

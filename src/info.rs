@@ -53,6 +53,7 @@ pub unsafe extern "C" fn info(
         field(ctx, "denied_cap", stats.denied_cap);
         field(ctx, "denied_endpoint", stats.denied_endpoint);
         field(ctx, "denied_credits", stats.denied_credits);
+        field(ctx, "denied_queue", stats.denied_queue);
         field(ctx, "shadow_denied", stats.shadow_denied);
         field(ctx, "fallback_admitted", stats.fallback_admitted);
         field(ctx, "warn_crossed", stats.warn_crossed);

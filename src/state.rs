@@ -28,6 +28,8 @@ pub struct Stats {
     pub denied_cap: u64,
     pub denied_endpoint: u64,
     pub denied_credits: u64,
+    /// `WAIT`s that ran out while the limits would admit: waiters ahead kept the turn.
+    pub denied_queue: u64,
     pub shadow_denied: u64,
     pub fallback_admitted: u64,
     pub releases: u64,

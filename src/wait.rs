@@ -365,6 +365,7 @@ unsafe extern "C" fn on_timeout(
                     // It ends denied, whatever the limits would say now.
                     state.stats.calls += 1;
                     state.stats.denied += 1;
+                    crate::call::count_denial(&mut state.stats, &attempted.decision);
                     if let Some(first) = waiter.keys.first() {
                         ctx.notify(c"rl.denied", first.raw());
                     }

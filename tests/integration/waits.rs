@@ -108,6 +108,14 @@ fn a_waiter_is_admitted_on_refill_and_times_out_denied() {
     assert_eq!(waits(&mut con).1, 1, "the call timed out");
     assert_eq!(d.str("denied_by").as_deref(), Some("b"));
     assert!(d.retry_after_ms() > 0);
+    // The timed-out call counts as a denial by its bucket: the reasons add up.
+    assert_eq!(
+        (
+            counter(&mut con, "denied"),
+            counter(&mut con, "denied_bucket")
+        ),
+        (1, 1)
+    );
 }
 
 #[test]
@@ -610,4 +618,36 @@ fn max_waiters_zero_turns_wait_off() {
         );
         run(&mut con, &["CONFIG", "SET", config, "1000"]);
     }
+}
+
+#[test]
+fn a_wait_that_runs_out_behind_an_earlier_waiter_is_denied_by_the_queue() {
+    let server = start();
+    let mut con = server.client();
+    int(
+        &mut con,
+        &["RL.PLAN.SET", "p", "b", "bucket 10/4s burst 10"],
+    );
+    assert!(decision(&mut con, &["RL.ACQUIRE", "k", "p", "10"]).allowed());
+    // The head needs the full bucket (4 s away); the next needs one token (0.4 s away).
+    let head = spawn_acquire(
+        server.port,
+        &["RL.ACQUIRE", "k", "p", "10", "WAIT", "20000"],
+    );
+    wait_for_waiters(&mut con, 1);
+    let started = Instant::now();
+    let d = decision(&mut con, &["RL.ACQUIRE", "k", "p", "1", "WAIT", "1500"]);
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    // Its token was there, but the head keeps its turn.
+    assert!(!d.allowed());
+    assert_eq!(d.str("denied_by").as_deref(), Some("queue"));
+    assert_eq!(
+        (
+            counter(&mut con, "denied"),
+            counter(&mut con, "denied_queue")
+        ),
+        (1, 1)
+    );
+    let (reply, _) = head.recv_timeout(GUARD).unwrap();
+    assert!(Decision::from(&reply.unwrap()).allowed());
 }
