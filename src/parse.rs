@@ -403,20 +403,23 @@ pub struct UsageArgs<'a> {
 }
 
 pub fn parse_usage<'a>(args: &Args<'a>) -> Result<UsageArgs<'a>, CmdError> {
-    if args.len() != 3 && args.len() != 5 {
-        return Err(CmdError::WrongArity);
-    }
-    let endpoint = if args.len() == 5 {
-        if !args.is(3, "ENDPOINT") {
-            return Err(CmdError::err(format_args!(
-                "unexpected argument '{}' (expected ENDPOINT)",
-                printable(args.bytes(3).unwrap_or(b""))
-            )));
-        }
-        Some(args.name(4, "ENDPOINT")?)
-    } else {
-        None
+    let unexpected = |i: usize| {
+        CmdError::err(format_args!(
+            "unexpected argument '{}' (expected ENDPOINT)",
+            printable(args.bytes(i).unwrap_or(b""))
+        ))
     };
+    let endpoint = match args.len() {
+        0..=2 => return Err(CmdError::WrongArity),
+        3 => None,
+        _ if !args.is(3, "ENDPOINT") => return Err(unexpected(3)),
+        _ => Some(args.name(value_at(args, 3)?, "ENDPOINT")?),
+    };
+    match args.len() {
+        0..=5 => {}
+        _ if args.is(5, "ENDPOINT") => return Err(twice("ENDPOINT")),
+        _ => return Err(unexpected(5)),
+    }
     Ok(UsageArgs {
         key: args.raw(1).ok_or(CmdError::WrongArity)?,
         plan: args.str(2, "plan")?,

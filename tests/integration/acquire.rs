@@ -306,6 +306,19 @@ fn bad_input_gets_one_clear_error_and_changes_nothing() {
             "WRONGTYPE Operation against a key holding the wrong kind of value",
         ),
         (
+            vec!["RL.USAGE", "u", "free", "FOO"],
+            "ERR unexpected argument 'FOO' (expected ENDPOINT)",
+        ),
+        (vec!["RL.USAGE", "u", "free", "ENDPOINT"], "ERR ENDPOINT needs a value"),
+        (
+            vec!["RL.USAGE", "u", "free", "ENDPOINT", "a", "ENDPOINT", "b"],
+            "ERR ENDPOINT given twice",
+        ),
+        (
+            vec!["RL.USAGE", "u", "free", "ENDPOINT", "a", "b"],
+            "ERR unexpected argument 'b' (expected ENDPOINT)",
+        ),
+        (
             vec!["RL.ACQUIRE", "u", "free", "-1"],
             "ERR unexpected argument '-1' (expected COST, ENDPOINT, ID, TTL, WAIT, PRIORITY, CREDITS, COMPACT or ALSO)",
         ),
