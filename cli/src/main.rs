@@ -17,6 +17,25 @@ use std::time::Duration;
 
 use redis::Value;
 
+/// `println!` that ends the program quietly when stdout is closed (`tollgate ... | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))
+    };
+}
+
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("tollgate: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 const USAGE: &str = "\
 tollgate — administer Tollgate rate limits and credits
 
@@ -60,7 +79,7 @@ Prints each change. Plans the server holds and the file does not define are kept
 and listed (--prune deletes them). In a cluster the changes reach every node by
 themselves; a primary that does not hold them within 3 s gets them applied
 directly. Then waits until every node, replicas included, reports the plan-set
-digest of the result (INFO tollgate: plans_digest).
+digest of the result (INFO tollgate: tollgate_plans_digest).
 
   --dry-run   print the changes without making them
   --prune     also delete plans the file does not define
@@ -83,8 +102,8 @@ Validates a plans file without connecting anywhere; prints its plan-set digest."
 const HELP_USAGE: &str = "\
 tollgate usage KEY PLAN [--endpoint NAME]
 
-Shows how the subject at KEY stands under PLAN, one row per limit: limit, used,
-remaining, and the time until it resets. PLAN * is the key's assigned plan, else the
+Shows how the subject at KEY stands under PLAN, one row per limit: limit, unit,
+capacity, used, remaining, and the time until it resets. PLAN * is the key's assigned plan, else the
 default plan; the plan it resolved to is printed. With --cluster, asks the node
 serving KEY.";
 
@@ -225,7 +244,7 @@ fn main() -> ExitCode {
 fn run(options: Options) -> Result<(), Failure> {
     let words: Vec<&str> = options.words.iter().map(String::as_str).collect();
     let help = |text: &str| {
-        println!("{text}");
+        out!("{text}");
         Ok(())
     };
     match words.as_slice() {
@@ -249,7 +268,7 @@ fn run(options: Options) -> Result<(), Failure> {
             options.allow_flags(&[])?;
             let set = read_plans(file)?;
             let digest = set.digest().map_err(|e| Failure::File(e.to_string()))?;
-            println!(
+            out!(
                 "{file}: {} plans, valid; plan-set digest {digest:016x}",
                 set.plans.len()
             );
@@ -267,7 +286,7 @@ fn run(options: Options) -> Result<(), Failure> {
             options.allow_flags(&[])?;
             let mut con = options.connect()?;
             let balance: i64 = query(&mut con, redis::cmd("RL.CREDITS.BALANCE").arg(*key))?;
-            println!("{balance}");
+            out!("{balance}");
             Ok(())
         }
         ["credits", "blocks", key] => {
@@ -314,7 +333,7 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
     for node in targets.iter().filter(|n| n.primary) {
         if let Some(first) = applied {
             if apply::verify(std::slice::from_ref(node), first, PROPAGATION).is_empty() {
-                println!("{}: up to date (propagated)", node.name);
+                out!("{}: up to date (propagated)", node.name);
                 continue;
             }
         }
@@ -323,15 +342,15 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
             apply::fetch(&mut con).map_err(|e| Failure::Server(format!("{}: {e}", node.name)))?;
         let changes = apply::plan_changes(&current, &wanted, prune);
         if changes.is_empty() {
-            println!("{}: up to date", node.name);
+            out!("{}: up to date", node.name);
         }
         for change in &changes {
-            println!("{}: {change}", node.name);
+            out!("{}: {change}", node.name);
         }
         if !prune {
             let kept = apply::kept_plans(&current, &wanted);
             if !kept.is_empty() {
-                println!(
+                out!(
                     "{}: keeps {} plan(s) the file does not define: {} (--prune deletes them)",
                     node.name,
                     kept.len(),
@@ -355,7 +374,7 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
         }
     }
     if dry_run {
-        println!("dry run: {total} changes not made");
+        out!("dry run: {total} changes not made");
         return Ok(());
     }
     let digest = expected.digest().map_err(|e| {
@@ -367,7 +386,7 @@ fn plans_apply(options: &Options, file: &str) -> Result<(), Failure> {
     if !disagree.is_empty() {
         return Err(Failure::Disagree(disagree.join("; ")));
     }
-    println!(
+    out!(
         "{total} changes; {} nodes report plan-set digest {digest:016x}",
         targets.len()
     );
@@ -381,7 +400,7 @@ fn plans_show(options: &Options) -> Result<(), Failure> {
         .ok_or_else(|| Failure::Server("no node to read from".into()))?;
     let mut con = first.connect().map_err(Failure::Server)?;
     let set = apply::fetch(&mut con).map_err(Failure::Server)?;
-    println!("{}", set.to_json());
+    out!("{}", set.to_json());
     if options.cluster {
         let digest = set
             .digest()
@@ -398,14 +417,19 @@ fn usage(options: &Options, key: &str, plan: &str) -> Result<(), Failure> {
     let mut con = options.connect()?;
     let standing = standing(&mut con, key, plan, options.value("--endpoint"))?;
     let via = standing.via.map(|v| format!(" ({v})")).unwrap_or_default();
-    println!("{key} under plan {}{via}:", standing.plan);
-    println!(
+    out!("{key} under plan {}{via}:", standing.plan);
+    out!(
         "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}",
-        "limit", "unit", "capacity", "used", "remaining", "resets in"
+        "limit",
+        "unit",
+        "capacity",
+        "used",
+        "remaining",
+        "resets in"
     );
     for row in &standing.limits {
         let warn = if row.warn { " (warn)" } else { "" };
-        println!(
+        out!(
             "{:<16} {:<12} {:>14} {:>14} {:>14} {:>12}{warn}",
             row.name,
             row.unit,
@@ -553,7 +577,7 @@ fn credits_grant(options: &Options, key: &str, amount: &str) -> Result<(), Failu
     }
     let mut con = options.connect()?;
     let balance: i64 = query(&mut con, &mut cmd)?;
-    println!("balance {balance}");
+    out!("balance {balance}");
     Ok(())
 }
 
@@ -565,9 +589,12 @@ fn credits_blocks(options: &Options, key: &str) -> Result<(), Failure> {
             "unexpected reply to RL.CREDITS.BLOCKS".into(),
         ));
     };
-    println!(
+    out!(
         "{:<40} {:>14} {:>14} {:>16}",
-        "block", "left", "granted", "expires in"
+        "block",
+        "left",
+        "granted",
+        "expires in"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -586,7 +613,7 @@ fn credits_blocks(options: &Options, key: &str) -> Result<(), Failure> {
         } else {
             human_ms(at - now)
         };
-        println!(
+        out!(
             "{:<40} {:>14} {:>14} {:>16}",
             get("id"),
             get("left"),

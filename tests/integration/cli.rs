@@ -353,3 +353,19 @@ fn usage_and_credits_follow_moved_with_cluster() {
         "granted on the node serving the key"
     );
 }
+
+#[test]
+fn a_closed_pipe_ends_the_cli_quietly() {
+    // `tollgate --help | head -1`: the reader is gone before the CLI writes.
+    let mut child = std::process::Command::new(cli_path())
+        .arg("--help")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the tollgate CLI");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for the CLI");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
