@@ -904,14 +904,17 @@ impl Plans {
     /// count one limit name in two units: a fallback must never open a second budget
     /// of the same name, nor charge it in another unit. O(plans with a fallback).
     fn check_fallback_units(&self, candidate: &Plan) -> Result<(), PlanError> {
-        let others: Vec<Arc<Plan>> = self
-            .names()
-            .into_iter()
-            .filter_map(|n| self.get(n))
-            .filter(|p| p.fallback.is_some() && p.name != candidate.name)
-            .cloned()
+        // Only plans with a fallback start chains (sorted: the same error every time).
+        let mut others: Vec<&Plan> = self
+            .entries
+            .values()
+            .filter_map(|e| match &e.state {
+                State::Live(p) if p.fallback.is_some() && p.name != candidate.name => Some(&**p),
+                _ => None,
+            })
             .collect();
-        let starts = std::iter::once(candidate).chain(others.iter().map(|p| &**p));
+        others.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let starts = std::iter::once(candidate).chain(others);
         for start in starts {
             let chain = self.chain(start, candidate);
             if !chain.iter().any(|p| p.name == candidate.name) {
