@@ -10,6 +10,13 @@ tries again; an `ASK` (a slot being migrated) sends `ASKING` and the call to the
 importing node on one connection; a lost connection is retried only for calls
 that are safe to repeat.
 
+Calls that are not safe to repeat (`idempotent=False`: RL.ACQUIRE, RL.CREDITS.DEDUCT
+and RL.CREDITS.GRANT without an ID) are sent exactly once, standalone or cluster,
+sync or asyncio: redis-py's own `Retry` (which, by default, sends a command again
+after a socket timeout or a lost connection) is bypassed for them, because the
+server may have run the first copy and would charge twice. With an ID the server
+answers a repeat with the first decision, so those calls keep redis-py's retries.
+
 WAIT: a call with `WAIT` goes over a connection pool of its own (per node), with
 no socket timeout, so it never holds a connection other calls need and is never
 cut short by the client's `socket_timeout`.
@@ -17,6 +24,8 @@ cut short by the client's `socket_timeout`.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -44,6 +53,117 @@ def _wait_pool_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+_NEEDS_COMMAND_NAME: Dict[Any, bool] = {}
+
+
+def _needs_command_name(pool: Any) -> bool:
+    """redis-py 5's `ConnectionPool.get_connection` takes the command name;
+    6+ deprecates it. Asked once per pool class (this is on the hot path)."""
+    cls = type(pool)
+    found = _NEEDS_COMMAND_NAME.get(cls)
+    if found is None:
+        try:
+            param = inspect.signature(cls.get_connection).parameters.get("command_name")
+        except (TypeError, ValueError):
+            param = None
+        found = param is not None and param.default is inspect.Parameter.empty
+        _NEEDS_COMMAND_NAME[cls] = found
+    return found
+
+
+def send_once(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """Send `commands` (pipelined, on one connection of `client`) and return
+    the last reply, with no automatic retry: a lost connection or a timeout
+    closes the connection and raises. Errors the server answers are raised
+    after every reply has been read (the connection stays usable)."""
+    single = getattr(client, "connection", None)
+    if single is not None:
+        # A single-connection client: its one connection, under its own lock.
+        with getattr(client, "single_connection_lock", None) or contextlib.nullcontext():
+            return _exchange(client, single, commands)
+    pool = client.connection_pool
+    if _needs_command_name(pool):
+        conn = pool.get_connection(commands[0][0])
+    else:
+        conn = pool.get_connection()
+    try:
+        return _exchange(client, conn, commands)
+    finally:
+        pool.release(conn)
+
+
+def _exchange(client: Any, conn: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    try:
+        if len(commands) == 1:
+            conn.send_command(*commands[0])
+        else:
+            conn.send_packed_command(conn.pack_commands(commands))
+        out: Any = None
+        error: Optional[rex.ResponseError] = None
+        for cmd in commands:
+            try:
+                out = client.parse_response(conn, cmd[0])
+            except rex.ResponseError as exc:
+                error = error or exc
+    except BaseException:
+        # Lost or cut short mid-reply: the connection's state is unknown.
+        conn.disconnect()
+        raise
+    if error is not None:
+        raise error
+    return out
+
+
+async def send_once_async(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """`send_once` for a `redis.asyncio.Redis`."""
+    initialize = getattr(client, "initialize", None)
+    if initialize is not None:
+        await initialize()
+    single = getattr(client, "connection", None)
+    if single is not None:
+        lock = getattr(client, "_single_conn_lock", None)
+        if lock is None:
+            return await _exchange_async(client, single, commands)
+        async with lock:
+            return await _exchange_async(client, single, commands)
+    pool = client.connection_pool
+    if _needs_command_name(pool):
+        conn = await pool.get_connection(commands[0][0])
+    else:
+        conn = await pool.get_connection()
+    try:
+        return await _exchange_async(client, conn, commands)
+    finally:
+        released = pool.release(conn)
+        if inspect.isawaitable(released):
+            await released
+
+
+async def _exchange_async(client: Any, conn: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    try:
+        if len(commands) == 1:
+            await conn.send_command(*commands[0])
+        else:
+            await conn.send_packed_command(conn.pack_commands(commands))
+        out: Any = None
+        error: Optional[rex.ResponseError] = None
+        for cmd in commands:
+            try:
+                out = await client.parse_response(conn, cmd[0])
+            except rex.ResponseError as exc:
+                error = error or exc
+    except BaseException:
+        # Cancelled, lost or cut short mid-reply: the connection's state is unknown.
+        try:
+            await conn.disconnect(nowait=True)
+        except TypeError:  # an older redis-py without `nowait`
+            await conn.disconnect()
+        raise
+    if error is not None:
+        raise error
+    return out
+
+
 def is_cluster(client: Any) -> bool:
     from redis.cluster import RedisCluster
 
@@ -68,13 +188,16 @@ class SyncTransport:
     # -- standalone and cluster entry points -----------------------------------
     def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
-            return self.client.execute_command(*args)
+            if idempotent:
+                return self.client.execute_command(*args)
+            return send_once(self.client, [args])
         return self._cluster(key, args, idempotent, wait=False)
 
-    def keyed_wait(self, key: Any, args: Sequence[Any]) -> Any:
+    def keyed_wait(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
-            return self._wait_client("", self.client.connection_pool).execute_command(*args)
-        return self._cluster(key, args, False, wait=True)
+            client = self._wait_client("", self.client.connection_pool)
+            return client.execute_command(*args) if idempotent else send_once(client, [args])
+        return self._cluster(key, args, idempotent, wait=True)
 
     def any(self, args: Sequence[Any]) -> Any:
         """A keyless read (plans): any primary answers."""
@@ -115,7 +238,9 @@ class SyncTransport:
             if wait:
                 node_client = self._wait_client(node.name, node_client.connection_pool)
             try:
-                return node_client.execute_command(*args)
+                if idempotent:
+                    return node_client.execute_command(*args)
+                return send_once(node_client, [args])
             except _REDIRECTS as exc:
                 last = exc
             except rex.AskError as exc:
@@ -139,10 +264,7 @@ class SyncTransport:
             if node is None:
                 raise ask
         pool = self.client.get_redis_connection(node).connection_pool
-        pipe = self._wait_client(node.name, pool).pipeline(transaction=False)
-        pipe.execute_command("ASKING")
-        pipe.execute_command(*args)
-        return pipe.execute()[1]
+        return send_once(self._wait_client(node.name, pool), [("ASKING",), args])
 
     def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
         last: BaseException = rex.ClusterError("no attempt made")
@@ -205,15 +327,19 @@ class AsyncTransport:
 
     async def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
-            return await self.client.execute_command(*args)
+            if idempotent:
+                return await self.client.execute_command(*args)
+            return await send_once_async(self.client, [args])
         return await self._cluster(key, args, idempotent, wait=False)
 
-    async def keyed_wait(self, key: Any, args: Sequence[Any]) -> Any:
+    async def keyed_wait(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
             pool = self.client.connection_pool
             client = self._wait_client("", pool.connection_class, pool.connection_kwargs)
-            return await client.execute_command(*args)
-        return await self._cluster(key, args, False, wait=True)
+            if idempotent:
+                return await client.execute_command(*args)
+            return await send_once_async(client, [args])
+        return await self._cluster(key, args, idempotent, wait=True)
 
     async def any(self, args: Sequence[Any]) -> Any:
         if not self.cluster:
@@ -252,7 +378,10 @@ class AsyncTransport:
                 if wait:
                     kwargs = dict(node.connection_kwargs)
                     client = self._wait_client(node.name, node.connection_class, kwargs)
-                    return await client.execute_command(*args)
+                    if idempotent:
+                        return await client.execute_command(*args)
+                    return await send_once_async(client, [args])
+                # A cluster node's own execute_command sends once (no Retry).
                 return await node.execute_command(*args)
             except _REDIRECTS as exc:
                 last = exc
@@ -275,10 +404,7 @@ class AsyncTransport:
             if node is None:
                 raise ask
         client = self._wait_client(node.name, node.connection_class, dict(node.connection_kwargs))
-        pipe = client.pipeline(transaction=False)
-        pipe.execute_command("ASKING")
-        pipe.execute_command(*args)
-        return (await pipe.execute())[1]
+        return await send_once_async(client, [("ASKING",), args])
 
     async def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
         import asyncio

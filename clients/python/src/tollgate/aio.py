@@ -169,7 +169,7 @@ class AsyncLimiter:
             id=id, ttl_ms=ttl_ms, wait_ms=wait_ms, priority=priority, credits=credits, also=also,
         )
         if wait_ms:
-            reply = await self._t.keyed_wait(subject, args)
+            reply = await self._t.keyed_wait(subject, args, idempotent=id is not None)
         else:
             reply = await self._t.keyed(subject, args, idempotent=id is not None)
         return p.parse_decision(reply, subject, plan)
@@ -198,7 +198,7 @@ class AsyncLimiter:
     async def release(
         self, subject: Key, id: str, costs: Optional[Mapping[str, int]] = None
     ) -> Release:
-        return p.parse_release(await self._t.keyed(subject, p.release_args(subject, id, costs)))
+        return p.parse_release(await self._t.keyed(subject, p.release_args(subject, id, costs), idempotent=True))
 
     async def touch(self, subject: Key, id: str, ttl_ms: int) -> bool:
         reply = await self._t.keyed(subject, ["RL.TOUCH", subject, id, ttl_ms], idempotent=True)

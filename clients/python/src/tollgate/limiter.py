@@ -162,7 +162,7 @@ class Limiter:
             id=id, ttl_ms=ttl_ms, wait_ms=wait_ms, priority=priority, credits=credits, also=also,
         )
         if wait_ms:
-            reply = self._t.keyed_wait(subject, args)
+            reply = self._t.keyed_wait(subject, args, idempotent=id is not None)
         else:
             reply = self._t.keyed(subject, args, idempotent=id is not None)
         return p.parse_decision(reply, subject, plan)
@@ -195,7 +195,7 @@ class Limiter:
     ) -> Release:
         """`RL.RELEASE`: end request `id`, settling each unit of `costs` on the
         actual amount (refund or overrun). Harmless for an unknown id."""
-        return p.parse_release(self._t.keyed(subject, p.release_args(subject, id, costs)))
+        return p.parse_release(self._t.keyed(subject, p.release_args(subject, id, costs), idempotent=True))
 
     def touch(self, subject: Key, id: str, ttl_ms: int) -> bool:
         """`RL.TOUCH`: extend a live lease; False if it is gone."""
