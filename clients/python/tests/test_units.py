@@ -146,6 +146,23 @@ def test_estimates_of_openai_and_anthropic_bodies() -> None:
     assert usage_tokens({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 9}) == (3, 6)
 
 
+def test_settlement_prices_a_dated_snapshot_by_the_requested_model_or_the_longest_prefix() -> None:
+    costs = LLMCosts({"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6)})
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100, "model": "gpt-4o-2024-08-06"}
+    assert costs.actual(usage, {"model": "gpt-4o"}) == {"token": 1100, "usd_micros": 2500 + 1000}
+    # An alias the table does not know: the response's snapshot, by its longest priced prefix.
+    assert costs.actual(usage, {"model": "my-alias"})["usd_micros"] == 3500
+    assert costs.actual(usage, None)["usd_micros"] == 3500
+    mini = dict(usage, model="gpt-4o-mini-2024-07-18")
+    assert costs.actual(mini, None)["usd_micros"] == 150 + 60
+    assert costs.actual(mini, {"model": "gpt-4o"})["usd_micros"] == 3500  # what was asked for wins
+    assert costs.estimate({"model": "gpt-4o-2024-08-06", "max_tokens": 10})["usd_micros"] == 100
+    assert costs.actual(dict(usage, model="claude-x"), None) == {"token": 1100}
+    # A prefix counts only up to a separator: gpt-4's price is not gpt-4o's.
+    assert "usd_micros" not in LLMCosts({"gpt-4": (30.0, 60.0)}).actual(usage, None)
+    assert LLMCosts({"claude-3-5-sonnet": (3.0, 15.0)}).price("claude-3-5-sonnet@20240620") is not None
+
+
 def sse(*events: dict) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 

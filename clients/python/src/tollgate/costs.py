@@ -8,7 +8,11 @@ Anthropic's `input_tokens`/`output_tokens` and cache fields) into the same units
 for settlement.
 
 Prices are US dollars per million tokens, which is exactly micro-dollars per
-token: `prices={"gpt-4o-mini": (0.15, 0.60)}` (input, output).
+token: `prices={"gpt-4o-mini": (0.15, 0.60)}` (input, output). A model is priced
+by the name the request asked for, else by the name the response gives (providers
+answer a dated snapshot, `gpt-4o-2024-08-06`): by the exact name, else by the
+longest name of the table it starts with followed by `-`, `@` or `:`
+(`gpt-4o-mini-2024-07-18` -> `gpt-4o-mini`; `gpt-4` never prices `gpt-4o`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from typing import Any, Dict, Mapping, Optional, Tuple
+
+#: What may follow a priced name in a snapshot's name: `gpt-4o-2024-08-06`,
+#: `claude-3-5-sonnet@20240620` (Vertex), `...-v2:0` (Bedrock).
+SNAPSHOT_SEPARATORS = ("-", "@", ":")
 
 
 def _text_chars(value: Any) -> int:
@@ -72,15 +80,32 @@ class LLMCosts:
         self.default_price = (
             None if default_price is None else (Fraction(str(default_price[0])), Fraction(str(default_price[1])))
         )
+        # Longest first: a snapshot of `gpt-4o-mini` must not be priced as `gpt-4o`.
+        self._longest_first = sorted(self.prices, key=len, reverse=True)
         self.default_max_tokens = default_max_tokens
         self.chars_per_token = chars_per_token
         self.token_unit = token_unit
         self.money_unit = money_unit
 
-    def price(self, model: Any) -> Optional[Tuple[Fraction, Fraction]]:
-        if isinstance(model, str) and model in self.prices:
-            return self.prices[model]
+    def price(self, *models: Any) -> Optional[Tuple[Fraction, Fraction]]:
+        """The price of the first of `models` the table knows (see the module
+        docs for the match), else `default_price`."""
+        for model in models:
+            found = self._priced(model)
+            if found is not None:
+                return found
         return self.default_price
+
+    def _priced(self, model: Any) -> Optional[Tuple[Fraction, Fraction]]:
+        if not isinstance(model, str):
+            return None
+        exact = self.prices.get(model)
+        if exact is not None:
+            return exact
+        for name in self._longest_first:
+            if model.startswith(name) and model[len(name) : len(name) + 1] in SNAPSHOT_SEPARATORS:
+                return self.prices[name]
+        return None
 
     def estimate(self, body: Any) -> Dict[str, int]:
         """What to charge before the call: prompt/4 + max_tokens (x n)."""
@@ -101,8 +126,9 @@ class LLMCosts:
         """What the call really cost, from the upstream's `usage`."""
         inp, out = usage_tokens(usage)
         costs = {self.token_unit: inp + out}
-        model = usage.get("model") or (body.get("model") if isinstance(body, dict) else None)
-        price = self.price(model)
+        # The model asked for first: the estimate was priced by it.
+        requested = body.get("model") if isinstance(body, dict) else None
+        price = self.price(requested, usage.get("model"))
         if price is not None and self.money_unit:
             costs[self.money_unit] = int(math.ceil(inp * price[0] + out * price[1]))
         return costs
