@@ -30,10 +30,12 @@ For each HTTP request (under `paths`) it
    a client that disconnects mid-stream releases the lease at once (keeping
    the estimate unless usage was already seen).
 
-When Redis cannot be reached it logs one line (logger `tollgate`) and fails
-closed (503) by default, or open (`fail_open=True`: the request goes through
-unmetered). An error reply of the server (an unknown plan, say) is logged and
-answered 500, whatever `fail_open` says.
+When Redis cannot be reached or cannot serve now (`errors.is_unavailable`: a
+lost connection, a timeout, no cluster node reachable, or an `OOM`, `READONLY`,
+`CLUSTERDOWN`, `MASTERDOWN`, `TRYAGAIN`, `LOADING`, `BUSY` reply) it logs one line
+(logger `tollgate`) and fails closed (503) by default, or open (`fail_open=True`:
+the request goes through unmetered). Any other error reply of the server (an
+unknown plan, say) is logged and answered 500, whatever `fail_open` says.
 """
 
 from __future__ import annotations
@@ -47,13 +49,12 @@ import sys
 import uuid
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError as RedisResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._types import Decision, Subject
 from .aio import AsyncLimiter
 from .costs import LLMCosts
+from .errors import is_unavailable
 from .limiter import lease_ttl_ms
 
 logger = logging.getLogger("tollgate")
@@ -66,7 +67,6 @@ Send = Callable[[Message], Awaitable[None]]
 Identify = Callable[[Any], Union[Optional[Subject], Awaitable[Optional[Subject]]]]
 DegradePlan = Union[None, str, Mapping[str, str], Callable[[Subject], Optional[str]]]
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 MAX_USAGE_BODY = 8 * 1024 * 1024
 
 
@@ -193,15 +193,12 @@ class TollgateMiddleware:
                     return  # the client left while queued: nothing is held, nothing to answer
             else:
                 decision = await self._decide(subject, costs, request_id)
-        except _UNREACHABLE as exc:
-            if self.fail_open:
-                logger.error("tollgate: Redis unreachable (%s): failing open, request not metered", exc)
-                await self.app(scope, replay, send)
+        except Exception as exc:
+            if is_unavailable(exc):
+                await self._unavailable(exc, scope, replay, send)
                 return
-            logger.error("tollgate: Redis unreachable (%s): failing closed with 503", exc)
-            await _error(send, 503, "limiter_unavailable", "The rate limiter is unavailable; try again later.", {})
-            return
-        except RedisResponseError as exc:
+            if not isinstance(exc, RedisResponseError):
+                raise
             # The server refused the call (an unknown plan, a bad option): a
             # configuration error, never a reason to let the request through.
             logger.error("tollgate: the server refused the call for %s under plan %r: %s", subject.key, subject.plan, exc)
@@ -211,6 +208,16 @@ class TollgateMiddleware:
             await _deny(send, decision)
             return
         await self._run(scope, replay, send, subject, decision, parsed, costs)
+
+    async def _unavailable(self, exc: BaseException, scope: Scope, receive: Receive, send: Send) -> None:
+        """Redis cannot be reached or cannot serve now: the `fail_open` policy."""
+        what = f"{type(exc).__name__}: {exc}"
+        if self.fail_open:
+            logger.error("tollgate: Redis unreachable or not serving (%s): failing open, request not metered", what)
+            await self.app(scope, receive, send)
+            return
+        logger.error("tollgate: Redis unreachable or not serving (%s): failing closed with 503", what)
+        await _error(send, 503, "limiter_unavailable", "The rate limiter is unavailable; try again later.", {})
 
     async def _decide_unless_gone(
         self, subject: Subject, costs: Mapping[str, int], request_id: str, receive: Receive

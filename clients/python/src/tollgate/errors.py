@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
+
+from redis import exceptions as rex
 
 if TYPE_CHECKING:
     from ._types import Decision
@@ -28,3 +31,37 @@ class Denied(TollgateError):
         super().__init__(
             f"denied by {decision.denied_by!r}{where} under plan {decision.plan!r}: {what}"
         )
+
+
+#: Codes of error replies that say the server cannot serve now (out of memory, a
+#: replica, the cluster or its primary down, a slot moving, loading, a busy
+#: script, too few replicas, a failed save), not that the call is wrong.
+UNAVAILABLE_CODES = frozenset(
+    {"OOM", "READONLY", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN", "LOADING", "BUSY", "NOREPLICAS", "MISCONF"}
+)
+
+_UNAVAILABLE_TYPES = (
+    rex.ConnectionError,  # LOADING (BusyLoadingError) and max clients too
+    rex.TimeoutError,
+    rex.RedisClusterException,  # no node reachable, a slot no node covers
+    rex.ClusterError,  # CLUSTERDOWN, MASTERDOWN, retries used up
+    rex.OutOfMemoryError,
+    rex.ReadOnlyError,
+    rex.TryAgainError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the limiter cannot be reached or cannot serve now
+    (a policy matter: fail open or closed), False when the server refused the
+    call itself (an unknown plan, a bad option: a configuration error)."""
+    if isinstance(exc, _UNAVAILABLE_TYPES):
+        return True
+    if isinstance(exc, rex.ResponseError):
+        # redis-py maps some codes to classes and strips them; the rest keep
+        # the code as the message's first word (`BUSY Redis is busy ...`).
+        code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+        return code in UNAVAILABLE_CODES
+    return False
