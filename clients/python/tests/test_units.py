@@ -99,6 +99,27 @@ def test_an_admitted_decision_has_no_retry_after_and_never_has_none_either() -> 
     assert never.never and never.retry_after is None and "retry-after" not in never.headers()
 
 
+def test_a_concurrency_denial_hints_a_short_retry_not_the_lease_ttl() -> None:
+    jobs = Limit("jobs", "lease", 2, 0, 60_000, kind="concurrency", window_ms=0)
+    rpm = Limit("rpm", "request", 60, 10, 30_000, kind="sliding", window_ms=60_000)
+    h = Decision(False, 60_000, "jobs", "p", (rpm, jobs), key="u").headers()
+    assert (h["retry-after"], h["retry-after-ms"]) == ("1", "1000")
+    h = Decision(False, 400, "jobs", "p", (rpm, jobs), key="u").headers()
+    assert (h["retry-after"], h["retry-after-ms"]) == ("1", "400")  # a shorter wait is kept
+    old_server = Limit("jobs", "lease", 2, 0, 60_000)  # no `kind`: the unit says it
+    assert Decision(False, 60_000, "jobs", "p", (old_server,)).headers()["retry-after-ms"] == "1000"
+    h = Decision(False, 30_000, "rpm", "p", (rpm, jobs), key="u").headers()
+    assert (h["retry-after"], h["retry-after-ms"]) == ("30", "30000")  # a rate limit's wait is exact
+    # With ALSO, the limit is looked up on the key that denied: the org's `jobs`
+    # is a rate limit here, the user's `jobs` a concurrency limit.
+    org_jobs = Limit("jobs", "request", 100, 0, 45_000, kind="fixed", window_ms=60_000)
+    also = (SubjectLimits("org", "org-plan", (org_jobs,)),)
+    d = Decision(False, 45_000, "jobs", "p", (rpm, jobs), denied_key="org", also=also, key="u")
+    assert d.headers()["retry-after-ms"] == "45000"
+    d = Decision(False, 60_000, "jobs", "p", (rpm, jobs), denied_key="u", also=also, key="u")
+    assert d.headers()["retry-after-ms"] == "1000"
+
+
 def test_denials_map_to_statuses() -> None:
     assert status_of(Decision(False, -1, "endpoint", "p"))[0] == 403
     assert status_of(Decision(False, 0, "credits", "p"))[0] == 402

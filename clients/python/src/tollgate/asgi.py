@@ -55,6 +55,7 @@ from ._types import Decision, Subject
 from .aio import AsyncLimiter
 from .costs import LLMCosts
 from .errors import is_unavailable
+from .headers import retry_hint_ms
 from .limiter import lease_ttl_ms
 
 logger = logging.getLogger("tollgate")
@@ -435,8 +436,9 @@ def status_of(decision: Decision) -> Tuple[int, str]:
 
 async def _deny(send: Send, decision: Decision) -> None:
     status, kind = status_of(decision)
+    retry_after_ms = retry_hint_ms(decision)  # the headers' hint, not a lease's whole TTL
     if status == 429:
-        message = f"Rate limit reached: limit '{decision.denied_by}' of plan '{decision.plan}'. Retry after {decision.retry_after_ms} ms."
+        message = f"Rate limit reached: limit '{decision.denied_by}' of plan '{decision.plan}'. Retry after {retry_after_ms} ms."
     elif status == 413:
         message = f"This request can never fit limit '{decision.denied_by}' of plan '{decision.plan}'."
     elif status == 403:
@@ -447,7 +449,7 @@ async def _deny(send: Send, decision: Decision) -> None:
         "limit": decision.denied_by,
         "key": decision.denied_key,
         "plan": decision.plan,
-        "retry_after_ms": decision.retry_after_ms,
+        "retry_after_ms": retry_after_ms,
     }
     headers = _header_list(decision)
     if status != 429:

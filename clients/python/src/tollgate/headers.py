@@ -10,7 +10,11 @@ The rule for which limit feeds which header, when a plan has several:
   Limits of every `ALSO` pair take part (an org's budget can be the tightest).
   The reset is in OpenAI's duration format (`1s`, `6m0s`, `20ms`, `1h2m3.5s`).
 * `Retry-After` (whole seconds, rounded up) and `retry-after-ms` (exact, as the
-  OpenAI SDKs read it): only on a denial that can succeed later.
+  OpenAI SDKs read it): only on a denial that can succeed later; the decision's
+  `retry_after_ms`, except for a denial by a `concurrency` limit: at most
+  `CONCURRENCY_RETRY_HINT_MS` (1 s), since its `retry_after_ms` is when the
+  oldest lease *expires* while leases are mostly released long before (a
+  response ends), and an SDK would sleep the whole lease TTL.
 * `RateLimit-Policy` / `RateLimit` (IETF draft-ietf-httpapi-ratelimit-headers):
   one item per limit of the subject's plan, except `cap`: `"rpm";q=60;w=60` and
   `"rpm";r=59;t=1`, `w` from `window_ms` (omitted when 0 or unknown), `t` the
@@ -43,6 +47,32 @@ def openai_duration(ms: int) -> str:
     if minutes:
         return f"{minutes}m{sec}s"
     return f"{sec}s"
+
+
+#: The longest retry hint for a denial by a `concurrency` limit (see above).
+CONCURRENCY_RETRY_HINT_MS = 1000
+
+
+def _denying_limit(decision: Decision) -> Optional[Limit]:
+    """The limit named by `denied_by`, on the key that denied (`denied_key`,
+    with `ALSO`), if the reply lists it."""
+    limits: Iterable[Limit] = decision.limits
+    if decision.denied_key is not None and decision.denied_key != decision.key:
+        pair = next((p for p in decision.also if p.key == decision.denied_key), None)
+        limits = pair.limits if pair is not None else decision.all_limits()
+    return next((lim for lim in limits if lim.name == decision.denied_by), None)
+
+
+def retry_hint_ms(decision: Decision) -> int:
+    """The wait a denied client is told (`Retry-After`): `retry_after_ms`, at
+    most `CONCURRENCY_RETRY_HINT_MS` when a concurrency limit denied."""
+    ms = decision.retry_after_ms
+    if ms <= CONCURRENCY_RETRY_HINT_MS or decision.allowed:
+        return ms
+    lim = _denying_limit(decision)
+    if lim is not None and (lim.kind == "concurrency" or (lim.kind is None and lim.unit == "lease")):
+        return CONCURRENCY_RETRY_HINT_MS
+    return ms
 
 
 def tightest(limits: Iterable[Limit], unit: str) -> Optional[Limit]:
@@ -94,8 +124,9 @@ def decision_headers(
             out[f"x-ratelimit-remaining-{suffix}"] = str(lim.remaining)
             out[f"x-ratelimit-reset-{suffix}"] = openai_duration(lim.reset_ms)
     if not decision.allowed and decision.retry_after_ms > 0:
-        out["retry-after"] = str(ceil_seconds(decision.retry_after_ms))
-        out["retry-after-ms"] = str(decision.retry_after_ms)
+        hint = retry_hint_ms(decision)
+        out["retry-after"] = str(ceil_seconds(hint))
+        out["retry-after-ms"] = str(hint)
     policies = []
     states = []
     for name, lim in _ietf_items(decision):
