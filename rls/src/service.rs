@@ -479,6 +479,27 @@ impl Service {
         Ok(self.outcome(group, &d))
     }
 
+    /// What one pair would get, charging nothing (`RL.PEEK`).
+    async fn peek_one(&self, pair: &Pair) -> Result<Outcome, CallError> {
+        let g = std::slice::from_ref(pair);
+        let v = self.redis.query(&self.acquire_cmd(g, None, true)).await?;
+        let d = Decision::parse(&v)
+            .ok_or_else(|| CallError::Reply(format!("unexpected reply {v:?}")))?;
+        Ok(self.outcome(g, &d))
+    }
+
+    /// Each pair peeked on its own: its limits and whether it is over.
+    async fn peek_each(&self, pairs: Vec<Pair>) -> Result<Vec<(Pair, KeyState, bool)>, CallError> {
+        let results = join_all(pairs.iter().map(|p| self.peek_one(p))).await;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (p, r) in pairs.into_iter().zip(results) {
+            if let Some((state, over)) = r?.states.into_iter().next() {
+                out.push((p, state, over));
+            }
+        }
+        Ok(out)
+    }
+
     fn outcome(&self, group: &[Pair], d: &Decision) -> Outcome {
         let states = group
             .iter()
@@ -1093,12 +1114,37 @@ return allowed";
             });
         }
 
+        // Quota rules deny only when every one of them is over. That is settled before
+        // anything is charged, and the quota rules that admit are charged in the same
+        // atomic step as the enforced ones: a denied request charges nothing anywhere.
+        let mut quota_decided: Vec<(Pair, KeyState, bool)> = Vec::new();
+        let mut denied_by_quota = false;
+        if quota.len() == 1 {
+            // One quota rule: "all of them over" is "it is over", an ordinary pair.
+            main.append(&mut quota);
+        } else if !quota.is_empty() {
+            let peeked = match self.peek_each(quota).await {
+                Ok(p) => p,
+                Err(e) => return self.failure(&e, items.len()),
+            };
+            let (admitting, over): (Vec<_>, Vec<_>) =
+                peeked.into_iter().partition(|(_, _, over)| !over);
+            denied_by_quota = admitting.is_empty();
+            // A quota rule that goes over between this peek and the charge denies the
+            // request (under-admission in a race, never over-admission).
+            main.extend(admitting.into_iter().map(|(p, _, _)| p));
+            quota_decided = over;
+        }
+
         let reservation_ttl = options
             .reservation_ttl
             .as_deref()
             .and_then(parse_duration_ms)
             .unwrap_or(self.settings.reservation_ttl_ms);
-        let reserve = reserve_id.as_deref().map(|id| (id, reservation_ttl));
+        let reserve = reserve_id
+            .as_deref()
+            .filter(|_| !denied_by_quota)
+            .map(|id| (id, reservation_ttl));
 
         // Usage reports never deny; they run beside the decision.
         let report_futs = join_all(reports.iter().map(|p| self.report_usage(p)));
@@ -1128,9 +1174,17 @@ return allowed";
             }
             Ok::<(), redis::RedisError>(())
         };
+        let main_decision = async {
+            if denied_by_quota {
+                // Denied already: the enforced rules are only looked at, for statuses.
+                self.peek_each(main).await.map(|decided| (false, decided))
+            } else {
+                self.decide_main(main, reserve).await
+            }
+        };
         let (main_result, report_results, estimate_result) =
-            tokio::join!(self.decide_main(main, reserve), report_futs, estimate_write);
-        let (mut allowed, decided) = match main_result {
+            tokio::join!(main_decision, report_futs, estimate_write);
+        let (allowed, decided) = match main_result {
             Ok(r) => r,
             Err(e) => return self.failure(&e, items.len()),
         };
@@ -1149,27 +1203,17 @@ return allowed";
             }
         }
 
-        // Shadow and quota rules: charged only when the request is admitted.
-        let side: Vec<Pair> = shadow.iter().chain(quota.iter()).cloned().collect();
-        let side_results = join_all(side.iter().map(|p| {
-            let g = std::slice::from_ref(p);
-            async move {
-                if allowed && p.cost > 0 {
-                    self.call_group(g, None).await
-                } else {
-                    let cmd = self.acquire_cmd(g, None, true);
-                    let v = self.redis.query(&cmd).await?;
-                    let d = Decision::parse(&v)
-                        .ok_or_else(|| CallError::Reply(format!("unexpected reply {v:?}")))?;
-                    Ok(self.outcome(g, &d))
-                }
+        // Shadow rules never deny: charged only once the request is admitted.
+        let shadow_results = join_all(shadow.iter().map(|p| async move {
+            if allowed && p.cost > 0 {
+                self.call_group(std::slice::from_ref(p), None).await
+            } else {
+                self.peek_one(p).await
             }
         }))
         .await;
-        let mut quota_total = 0;
-        let mut quota_over = 0;
         let mut side_decided = Vec::new();
-        for (p, r) in side.into_iter().zip(side_results) {
+        for (p, r) in shadow.into_iter().zip(shadow_results) {
             let o = match r {
                 Ok(o) => o,
                 Err(e) => return self.failure(&e, items.len()),
@@ -1178,16 +1222,7 @@ return allowed";
             let Some((state, over)) = o.states.into_iter().next() else {
                 continue;
             };
-            if p.rule.quota_mode && !p.rule.shadow_mode {
-                quota_total += 1;
-                if over {
-                    quota_over += 1;
-                }
-            }
             side_decided.push((p, state, over, shadow_over));
-        }
-        if quota_total > 0 && quota_total == quota_over {
-            allowed = false;
         }
 
         // Statuses and metrics.
@@ -1196,6 +1231,7 @@ return allowed";
         let mut passed_metadata = Struct::default();
         let decided_all = decided
             .into_iter()
+            .chain(quota_decided)
             .map(|(p, s, over)| (p, s, over, false))
             .chain(side_decided);
         for (p, state, over, shadow_over) in decided_all {

@@ -495,3 +495,32 @@ pub fn over(r: &RateLimitResponse) -> bool {
 
 pub const OK: i32 = Code::Ok as i32;
 pub const OVER_LIMIT: i32 = Code::OverLimit as i32;
+
+/// `used` of limit `limit` of `key` under `plan`, from `RL.USAGE` (which charges
+/// nothing): what the module holds, independent of what the service answered.
+pub fn usage_used(server: &Server, key: &str, plan: &str, limit: &str) -> i64 {
+    let v: redis::Value = redis::cmd("RL.USAGE")
+        .arg(key)
+        .arg(plan)
+        .query(&mut server.client())
+        .unwrap_or_else(|e| panic!("RL.USAGE {key} {plan}: {e}"));
+    let field = |v: &redis::Value, name: &str| -> Option<redis::Value> {
+        tollgate_rls::reply::map_entries(v)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let Some(redis::Value::Array(limits)) = field(&v, "limits") else {
+        panic!("RL.USAGE {key} {plan}: no limits in {v:?}");
+    };
+    let found = limits.iter().find(|l| {
+        field(l, "name")
+            .and_then(|n| tollgate_rls::reply::text(&n))
+            .as_deref()
+            == Some(limit)
+    });
+    match found.and_then(|l| field(l, "used")) {
+        Some(redis::Value::Int(n)) => n,
+        other => panic!("RL.USAGE {key} {plan}: limit {limit} used = {other:?} in {v:?}"),
+    }
+}

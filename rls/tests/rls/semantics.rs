@@ -378,3 +378,89 @@ descriptors:
     );
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_quota_rule_denies_charges_no_other_descriptor() {
+    let redis = Server::start();
+    let config = r#"
+domain: q
+descriptors:
+  - key: quota
+    rate_limit: {unit: hour, requests_per_unit: 1}
+    quota_mode: true
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 10}
+"#;
+    let rls = Rls::start(&redis.url(), config, &[]);
+    let mut c = rls.client().await;
+    let both = || {
+        request(
+            "q",
+            vec![desc(&[("quota", "monthly")]), desc(&[("user", "alice")])],
+        )
+    };
+    let r = ask(&mut c, both()).await;
+    assert!(ok(&r), "{r:?}");
+    let used = || usage_used(&redis, "rls:q:user_alice", "rls:q:user", "rate");
+    assert_eq!(used(), 1);
+    // The quota rule is spent: the request is denied and the user is charged nothing.
+    for _ in 0..3 {
+        let r = ask(&mut c, both()).await;
+        assert!(over(&r), "{r:?}");
+        assert_eq!(r.statuses[0].code, OVER_LIMIT);
+        assert_eq!(r.statuses[1].code, OK, "the user limit itself was not over");
+    }
+    assert_eq!(used(), 1, "a denied request charged the user");
+    assert_eq!(
+        usage_used(&redis, "rls:q:quota_monthly", "rls:q:quota", "rate"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_quota_rules_deny_only_when_all_are_over_and_then_charge_nothing() {
+    let redis = Server::start();
+    let config = r#"
+domain: q
+descriptors:
+  - key: daily
+    rate_limit: {unit: day, requests_per_unit: 1}
+    quota_mode: true
+  - key: monthly
+    rate_limit: {unit: month, requests_per_unit: 3}
+    quota_mode: true
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 10}
+"#;
+    let rls = Rls::start(&redis.url(), config, &[]);
+    let mut c = rls.client().await;
+    let all = || {
+        request(
+            "q",
+            vec![
+                desc(&[("daily", "d")]),
+                desc(&[("monthly", "m")]),
+                desc(&[("user", "alice")]),
+            ],
+        )
+    };
+    let used = |key: &str, plan: &str| usage_used(&redis, key, plan, "rate");
+    assert!(ok(&ask(&mut c, all()).await));
+    // The daily quota is spent, the monthly one still admits: admitted, the daily
+    // descriptor says OVER_LIMIT and is not charged.
+    for _ in 0..2 {
+        let r = ask(&mut c, all()).await;
+        assert!(ok(&r), "{r:?}");
+        assert_eq!(r.statuses[0].code, OVER_LIMIT);
+        assert_eq!(r.statuses[1].code, OK);
+    }
+    assert_eq!(used("rls:q:daily_d", "rls:q:daily"), 1);
+    assert_eq!(used("rls:q:monthly_m", "rls:q:monthly"), 3);
+    assert_eq!(used("rls:q:user_alice", "rls:q:user"), 3);
+    // Both spent: denied, and nothing is charged anywhere.
+    let r = ask(&mut c, all()).await;
+    assert!(over(&r), "{r:?}");
+    assert_eq!(r.statuses[2].code, OK);
+    assert_eq!(used("rls:q:user_alice", "rls:q:user"), 3);
+    assert_eq!(used("rls:q:monthly_m", "rls:q:monthly"), 3);
+}
