@@ -5,7 +5,9 @@ responses, and the request body bound."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
 
 import httpx
@@ -101,3 +103,27 @@ async def test_a_concurrency_denial_tells_the_client_to_retry_within_a_second(ga
     assert denied.status_code == 429
     assert float(denied.headers["retry-after-ms"]) <= 1000 and denied.headers["retry-after"] == "1"
     assert denied.json()["error"]["retry_after_ms"] <= 1000
+
+
+async def test_a_gzip_json_response_is_settled_on_its_usage_and_passed_through_untouched(gateways) -> None:
+    payload = {"model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    packed = gzip.compress(json.dumps(payload).encode())
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    g = gateways({"tpm": "sliding 10000 token/1m"}, answering([packed[:10], packed[10:]], headers))
+    r = await g.post(json.dumps(BODY).encode())
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+    assert r.json() == payload  # httpx inflated the very bytes the app sent
+    assert g.used("tpm") == 5, "settled on the usage, not the estimate of 100"
+
+
+async def test_a_gzip_event_stream_is_settled_on_its_usage(gateways) -> None:
+    events = [{"model": "m", "choices": [{"delta": {"content": "hi"}}]},
+              {"model": "m", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}]
+    z = zlib.compressobj(wbits=31)  # one gzip stream, flushed per event
+    chunks = [z.compress(b"data: " + json.dumps(e).encode() + b"\n\n") + z.flush(zlib.Z_SYNC_FLUSH) for e in events]
+    chunks.append(z.compress(b"data: [DONE]\n\n") + z.flush())
+    headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    g = gateways({"tpm": "sliding 10000 token/1m"}, answering(chunks, headers))
+    r = await g.post(json.dumps(BODY).encode())
+    assert r.status_code == 200 and b"[DONE]" in r.content
+    assert g.used("tpm") == 7

@@ -3,13 +3,15 @@ cost estimates for OpenAI/Anthropic bodies, and usage found in JSON and SSE."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 
 from tollgate import Decision, Limit, SubjectLimits, openai_duration
 from tollgate._protocol import decision_args, parse_decision, parse_release
-from tollgate.asgi import _Usage, status_of
+from tollgate.asgi import MAX_USAGE_BODY, _Usage, status_of
 from tollgate.costs import LLMCosts, usage_tokens
 
 
@@ -224,4 +226,38 @@ def test_usage_is_found_in_a_json_body_and_absent_otherwise() -> None:
     assert t.found() is None
     t = _Usage("text/plain")
     feed_in_pieces(t, b'{"usage": {"total_tokens": 5}}')
+    assert t.found() is None
+
+
+def deflate_raw(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def test_usage_is_found_in_gzip_and_deflate_bodies_and_streams_split_anywhere() -> None:
+    body = json.dumps({"model": "gpt-4o", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
+    for encoding, packed in [("gzip", gzip.compress(body)), ("x-gzip", gzip.compress(body)),
+                             ("deflate", zlib.compress(body)), ("deflate", deflate_raw(body))]:
+        t = _Usage("application/json", encoding)
+        feed_in_pieces(t, packed, 3)
+        assert t.found() == {"prompt_tokens": 3, "completion_tokens": 2, "model": "gpt-4o"}, encoding
+    stream = sse({"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}})
+    t = _Usage("text/event-stream", "gzip")
+    feed_in_pieces(t, gzip.compress(stream[:20]) + gzip.compress(stream[20:]), 5)  # two gzip members
+    assert usage_tokens(t.found()) == (4, 6)
+    t = _Usage("application/json", "br")  # not decoded here: no usage, the estimate stays
+    feed_in_pieces(t, body)
+    assert t.found() is None
+    t = _Usage("application/json", "gzip")  # says gzip, is not
+    feed_in_pieces(t, body)
+    assert t.found() is None
+
+
+def test_a_compressed_body_that_inflates_past_the_bound_is_not_inflated_further() -> None:
+    bomb = gzip.compress(b"{" + b" " * (4 * MAX_USAGE_BODY))
+    assert len(bomb) < MAX_USAGE_BODY // 100
+    t = _Usage("application/json", "gzip")
+    t.feed(bomb)
+    assert not t.json and len(t.buffer) == 0
+    t.finish()
     assert t.found() is None

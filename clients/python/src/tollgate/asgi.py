@@ -24,7 +24,9 @@ For each HTTP request (under `paths`) it
    the rate-limit headers (`Decision.headers()`) and `x-tollgate-plan` to the
    response, heartbeats the lease while the response runs;
 5. settles when the response ends: on the upstream's `usage` found in a JSON
-   body or in an SSE stream (`costs.actual(usage, body)`); without usage, an
+   body or in an SSE stream, plain or `gzip`/`deflate` (decompressed for
+   reading only; the response goes out as it came) (`costs.actual(usage,
+   body)`); without usage, an
    error response (status >= 400) refunds the estimate (and the credits) and a
    success keeps it;
    a client that disconnects mid-stream releases the lease at once (keeping
@@ -47,7 +49,8 @@ import json
 import logging
 import sys
 import uuid
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+import zlib
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 from redis.exceptions import ResponseError as RedisResponseError
 
@@ -76,19 +79,75 @@ def decision_of(request: Any) -> Optional[Decision]:
     return getattr(getattr(request, "state", None), "tollgate", None)
 
 
+class _Inflate:
+    """Decompresses a `gzip` or `deflate` body as it streams past, in pieces of
+    at most `PIECE` bytes (a small body must not inflate into gigabytes at
+    once). `deflate` is zlib-wrapped (RFC 9110); raw deflate, which some
+    servers send, is taken too."""
+
+    PIECE = 64 * 1024
+
+    def __init__(self) -> None:
+        # MAX_WBITS | 32: a gzip or a zlib header, whichever comes.
+        self.d = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        self.start: Optional[bytearray] = bytearray()  # the input until output comes
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        if self.start is not None:
+            self.start += data
+        while data:
+            try:
+                out = self.d.decompress(data, self.PIECE)
+            except zlib.error:
+                if self.start is None:
+                    raise
+                # No header at all: raw deflate, from the first byte.
+                self.d, data, self.start = zlib.decompressobj(-zlib.MAX_WBITS), bytes(self.start), None
+                continue
+            if out:
+                self.start = None
+                yield out
+            data = self.d.unconsumed_tail
+            if self.d.eof and self.d.unused_data:  # a gzip body of several members
+                data, self.d = self.d.unused_data, zlib.decompressobj(zlib.MAX_WBITS | 32)
+
+
 class _Usage:
     """Finds `usage` in a response as it streams past: a JSON body, or SSE
     events (OpenAI's last chunk with `stream_options.include_usage`, Anthropic's
-    `message_start` / `message_delta`)."""
+    `message_start` / `message_delta`); a `gzip` or `deflate` body is
+    decompressed for this reading only. Other encodings are not read (the
+    estimate stays charged)."""
 
-    def __init__(self, content_type: str) -> None:
-        self.sse = "text/event-stream" in content_type
-        self.json = "json" in content_type
+    def __init__(self, content_type: str, content_encoding: str = "") -> None:
+        encoding = content_encoding.strip().lower()
+        readable = encoding in ("", "identity", "gzip", "x-gzip", "deflate")
+        self.sse = readable and "text/event-stream" in content_type
+        self.json = readable and "json" in content_type
+        self.inflate = _Inflate() if encoding in ("gzip", "x-gzip", "deflate") else None
         self.buffer = bytearray()
         self.usage: Dict[str, Any] = {}
         self.model: Optional[str] = None
 
     def feed(self, chunk: bytes) -> None:
+        if not (self.sse or self.json) or not chunk:
+            return
+        if self.inflate is None:
+            self._feed_plain(chunk)
+            return
+        try:
+            for piece in self.inflate.pieces(chunk):
+                self._feed_plain(piece)
+                if not (self.sse or self.json):
+                    return
+        except zlib.error:
+            self._give_up()  # not what its header says: no usage from it
+
+    def _give_up(self) -> None:
+        self.sse = self.json = False
+        self.buffer = bytearray()
+
+    def _feed_plain(self, chunk: bytes) -> None:
         if self.sse:
             self.buffer += chunk
             while True:
@@ -99,7 +158,12 @@ class _Usage:
                 del self.buffer[: cut + 1]
                 if line.startswith(b"data:"):
                     self._event(line[5:].strip())
-        elif self.json and len(self.buffer) + len(chunk) <= MAX_USAGE_BODY:
+            if len(self.buffer) > MAX_USAGE_BODY:
+                self.buffer = bytearray()  # one endless line: no usage event is that long
+        elif self.json:
+            if len(self.buffer) + len(chunk) > MAX_USAGE_BODY:
+                self._give_up()  # too big to parse: and no need to inflate the rest
+                return
             self.buffer += chunk
 
     def finish(self) -> None:
@@ -292,11 +356,13 @@ class TollgateMiddleware:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
-                content_type = ""
+                content_type = content_encoding = ""
                 for k, v in message.get("headers", ()):
                     if k.lower() == b"content-type":
                         content_type = v.decode("latin-1").lower()
-                state["usage"] = _Usage(content_type)
+                    elif k.lower() == b"content-encoding":
+                        content_encoding = v.decode("latin-1")
+                state["usage"] = _Usage(content_type, content_encoding)
                 message = dict(message)
                 message["headers"] = list(message.get("headers", ())) + headers
             elif message["type"] == "http.response.body":
