@@ -212,6 +212,25 @@ impl Rule {
         fields
     }
 
+    /// The plan usage reports (`report_usage`) are charged under: the rule's rate in
+    /// `mode shadow`. One limit name and unit is one budget on a subject, so it
+    /// charges the rule's own counter, and being in shadow mode it never denies —
+    /// what was used is counted even once the subject is over its limit.
+    pub fn usage_plan(&self) -> Option<String> {
+        (self.report_usage && self.rate.is_some()).then(|| plan_name("rls-u:", &self.plan))
+    }
+
+    /// The fields of [`Rule::usage_plan`]: the rate only (a report takes no lease).
+    pub fn usage_plan_fields(&self) -> Vec<(String, String)> {
+        let mut fields: Vec<(String, String)> = self
+            .plan_fields()
+            .into_iter()
+            .filter(|(name, _)| name == RATE_LIMIT_NAME)
+            .collect();
+        fields.push(("mode".to_string(), "shadow".to_string()));
+        fields
+    }
+
     /// Whether the rule limits anything (not `unlimited`).
     pub fn limits(&self) -> bool {
         self.rate.is_some() || self.concurrency.is_some()
@@ -415,11 +434,14 @@ impl Config {
 
     /// The plans the config needs: plan name → fields.
     pub fn plans(&self) -> BTreeMap<String, Vec<(String, String)>> {
-        self.rules()
-            .iter()
-            .filter(|r| r.limits())
-            .map(|r| (r.plan.clone(), r.plan_fields()))
-            .collect()
+        let mut plans = BTreeMap::new();
+        for rule in self.rules().iter().filter(|r| r.limits()) {
+            plans.insert(rule.plan.clone(), rule.plan_fields());
+            if let Some(usage_plan) = rule.usage_plan() {
+                plans.insert(usage_plan, rule.usage_plan_fields());
+            }
+        }
+        plans
     }
 
     pub fn domain(&self, name: &str) -> Option<&Domain> {
@@ -759,6 +781,11 @@ fn compile_rule(
         }
     };
     let Some(rl) = &d.rate_limit else {
+        if ext.is_some_and(|e| e.report_usage) {
+            return Err(err(
+                "tollgate.report_usage needs a rate_limit (usage is charged to its rate)".into(),
+            ));
+        }
         if concurrency.is_none() {
             if let Some(e) = ext {
                 if e.algorithm.is_some() || e.burst.is_some() || e.precision.is_some() {

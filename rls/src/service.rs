@@ -425,6 +425,9 @@ impl Service {
         }
         let mut plans = std::collections::BTreeMap::new();
         plans.insert(rule.plan.clone(), rule.plan_fields());
+        if let Some(usage_plan) = rule.usage_plan() {
+            plans.insert(usage_plan, rule.usage_plan_fields());
+        }
         self.redis
             .sync_plans(&plans)
             .await
@@ -803,27 +806,26 @@ return {1, out}";
         Ok((allowed, out))
     }
 
-    /// Charges usage reported after the fact (never denies): a zero-cost acquire under
-    /// a fresh id settled at the reported amount, in one atomic script.
-    async fn report_usage(&self, pair: &Pair) -> Result<bool, CallError> {
-        const SCRIPT: &str = r"
-local r = redis.call('RL.ACQUIRE', KEYS[1], ARGV[1], 'COST', ARGV[2], '0', 'ID', ARGV[4], 'TTL', '10000')
-local allowed = 0
-for i = 1, #r, 2 do if r[i] == 'allowed' then allowed = r[i + 1] end end
-if allowed == 1 then
-  redis.call('RL.RELEASE', KEYS[1], ARGV[4], 'COST', ARGV[2], ARGV[3])
-end
-return allowed";
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SCRIPT)
-            .arg(1)
-            .arg(&pair.key)
-            .arg(&pair.rule.plan)
+    /// Charges usage reported after the fact, never denying: one `RL.ACQUIRE` under
+    /// the rule's usage plan (its rate in shadow mode, the same counter), which charges
+    /// even a subject already over its limit.
+    async fn report_usage(&self, pair: &Pair) -> Result<(), CallError> {
+        let Some(usage_plan) = pair.rule.usage_plan() else {
+            return Ok(());
+        };
+        let mut cmd = redis::cmd("RL.ACQUIRE");
+        cmd.arg(&pair.key)
+            .arg(usage_plan)
+            .arg("COST")
             .arg(&pair.rule.unit_id)
-            .arg(pair.cost)
-            .arg(random_id());
+            .arg(pair.cost);
         let v = self.redis.query(&cmd).await?;
-        Ok(matches!(v, Value::Int(1)))
+        match Decision::parse(&v) {
+            Some(d) if d.allowed => Ok(()),
+            _ => Err(CallError::Reply(format!(
+                "a usage report was not charged: {v:?}"
+            ))),
+        }
     }
 
     fn estimate_key(first_key: &str, id: &str) -> String {

@@ -329,6 +329,16 @@ descriptors:
     let (s, u, r) = spec("model");
     assert_eq!(s, format!("fixed 1000000 {u}/1mo"));
     assert!(u.starts_with("token.") && r.report_usage);
+    // Usage reports charge the same limit (name and unit) under a shadow-mode twin.
+    let usage_plan = r.usage_plan().expect("a usage plan");
+    assert_eq!(
+        c.plans().get(&usage_plan),
+        Some(&vec![
+            ("rate".to_string(), format!("fixed 1000000 {u}/1mo")),
+            ("mode".to_string(), "shadow".to_string()),
+        ])
+    );
+    assert!(spec("user").2.usage_plan().is_none());
     let (s, u, _) = spec("burst");
     assert_eq!(s, format!("bucket 10 {u}/1s burst 50"));
     let (s, _, r) = spec("jobs");
@@ -347,6 +357,13 @@ fn bad_extensions_name_the_position() {
     assert!(
         e.message
             .contains("descriptors[0]: tollgate.burst needs algorithm bucket"),
+        "{e}"
+    );
+    let e = yaml("domain: d\ndescriptors:\n  - key: a\n    tollgate: {report_usage: true}\n")
+        .expect_err("an error");
+    assert!(
+        e.message
+            .contains("descriptors[0]: tollgate.report_usage needs a rate_limit"),
         "{e}"
     );
     let e = yaml("domain: d\ntollgate: {color: red}\n").expect_err("an error");

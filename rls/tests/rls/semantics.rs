@@ -238,12 +238,23 @@ async fn ai_gateway_usage_reports_are_always_charged_and_checks_then_deny() {
     // Request path (AI Gateway): hits 0, a check.
     let r = ask(&mut c, request("ai", vec![with_hits(usage(), 0)])).await;
     assert!(ok(&r));
-    // Response path: the usage, 700 then 600 — the second overshoots and is charged
-    // anyway (the request already happened); the answer never denies.
-    for used in [700, 600] {
+    // Response path: the usage, 700, 600, 500, 400 — from the second on the budget is
+    // overshot and every report is charged anyway (the requests already happened,
+    // even those reported while the subject was already over); it never denies.
+    for used in [700, 600, 500, 400] {
         let r = ask(&mut c, request("ai", vec![with_hits(usage(), used)])).await;
         assert!(ok(&r), "a usage report never denies");
     }
+    assert_eq!(
+        usage_used(
+            &redis,
+            "rls:{acme}:ai:org_acme.usage_all",
+            "rls:ai:org.usage",
+            "rate"
+        ),
+        2200,
+        "every reported token is counted"
+    );
     // The next request path check sees the budget spent.
     let r = ask(&mut c, request("ai", vec![with_hits(usage(), 0)])).await;
     assert!(over(&r), "{r:?}");
