@@ -127,3 +127,35 @@ async def test_a_gzip_event_stream_is_settled_on_its_usage(gateways) -> None:
     r = await g.post(json.dumps(BODY).encode())
     assert r.status_code == 200 and b"[DONE]" in r.content
     assert g.used("tpm") == 7
+
+
+async def test_a_body_over_max_body_bytes_is_413_and_charges_nothing(gateways) -> None:
+    calls: List[int] = []
+    ok = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+    plain = answering([ok], {"content-type": "application/json"})
+
+    async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(1)
+        await plain(scope, receive, send)
+
+    g = gateways({"rpm": "sliding 100/1m"}, app, max_body_bytes=1000)
+    big = json.dumps(dict(BODY, messages=[{"role": "user", "content": "x" * 1000}])).encode()
+    r = await g.post(big)  # Content-Length says it: answered before reading
+    assert r.status_code == 413 and r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["type"] == "request_body_too_large" and r.json()["error"]["max_body_bytes"] == 1000
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        for i in range(0, len(big), 100):
+            yield big[i : i + 100]
+
+    transport = httpx.ASGITransport(app=g.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+        r = await c.post("/v1/chat/completions", content=chunked())
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_body_too_large"
+    assert calls == [] and g.used("rpm") == 0
+    exact = json.dumps(BODY).encode().ljust(1000)  # at the bound: served
+    assert (await g.post(exact)).status_code == 200 and calls == [1] and g.used("rpm") == 1
+
+
+def test_the_body_bound_is_one_mebibyte_by_default() -> None:
+    assert TollgateMiddleware(None, limiter=None, identify=lambda r: None).max_body_bytes == 1024 * 1024  # type: ignore[arg-type]

@@ -4,7 +4,9 @@
 
 For each HTTP request (under `paths`) it
 
-1. reads the body and asks `identify(request)` who pays: a `Subject` (key, plan,
+1. reads the body (at most `max_body_bytes`, 1 MiB by default: a larger one is
+   answered 413 with a JSON error before anything is charged; None: no bound)
+   and asks `identify(request)` who pays: a `Subject` (key, plan,
    endpoint, `also` levels, credits, priority), or None to let the request
    through unmetered;
 2. estimates the cost with `costs.estimate(body)` (default `LLMCosts`: prompt
@@ -72,6 +74,8 @@ Identify = Callable[[Any], Union[Optional[Subject], Awaitable[Optional[Subject]]
 DegradePlan = Union[None, str, Mapping[str, str], Callable[[Subject], Optional[str]]]
 
 MAX_USAGE_BODY = 8 * 1024 * 1024
+#: The default bound of a request body the middleware reads (it holds it whole).
+MAX_BODY_BYTES = 1024 * 1024
 
 
 def decision_of(request: Any) -> Optional[Decision]:
@@ -217,6 +221,7 @@ class TollgateMiddleware:
         ttl_ms: Optional[int] = None,
         heartbeat_ms: Optional[int] = None,
         redis_timeout_s: float = 5.0,
+        max_body_bytes: Optional[int] = MAX_BODY_BYTES,
     ) -> None:
         if enforce not in ("reject", "queue", "degrade"):
             raise ValueError("enforce must be 'reject', 'queue' or 'degrade'")
@@ -232,12 +237,20 @@ class TollgateMiddleware:
         self.ttl_ms = ttl_ms
         self.heartbeat_ms = heartbeat_ms
         self.redis_timeout_s = redis_timeout_s
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope.get("path", "").startswith(self.paths):
             await self.app(scope, receive, send)
             return
-        body, disconnected = await _read_body(receive)
+        limit = self.max_body_bytes
+        if limit is not None and _declared_length(scope) > limit:
+            await _body_too_large(send, limit)  # said up front: not even read
+            return
+        body, disconnected = await _read_body(receive, limit)
+        if body is None:
+            await _body_too_large(send, limit)
+            return
         replay = _replay(body, receive, disconnected)
         from starlette.requests import Request
 
@@ -547,15 +560,39 @@ async def _error(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive: Receive) -> Tuple[bytes, bool]:
+async def _read_body(receive: Receive, limit: Optional[int]) -> Tuple[Optional[bytes], bool]:
+    """The whole body and whether the client left; None for the body as soon as
+    it grows past `limit` (the rest is not read)."""
     chunks: List[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return b"".join(chunks), True
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return None, False
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks), False
+
+
+def _declared_length(scope: Scope) -> int:
+    """The request's Content-Length, or -1 when absent or not a number."""
+    for k, v in scope.get("headers", ()):
+        if k.lower() == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return -1
+    return -1
+
+
+async def _body_too_large(send: Send, limit: Optional[int]) -> None:
+    message = f"The request body is larger than {limit} bytes."
+    extra = {"max_body_bytes": limit}
+    await _error(send, 413, "request_body_too_large", message, extra, [(b"x-should-retry", b"false")])
 
 
 def _replay(body: bytes, receive: Receive, disconnected: bool) -> Receive:
