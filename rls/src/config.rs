@@ -725,6 +725,16 @@ fn load_descriptors(
             )));
         }
         let rule = compile_rule(file, domain, &path, &here, &d)?;
+        // A lease must be released by the request it belongs to: the request path
+        // takes it under the request id, the response path frees it by the settle id.
+        if rule.as_ref().is_some_and(|r| r.concurrency.is_some())
+            && (options.request_id_key.is_none() || options.settle_id_key.is_none())
+        {
+            return Err(err(
+                "tollgate.concurrency needs tollgate.request_id_key and tollgate.settle_id_key in the domain's tollgate block (the lease is taken under the request id and released by the settle id)"
+                    .into(),
+            ));
+        }
         if final_key.contains('*') {
             node.wildcards.push((
                 final_key.clone(),

@@ -1143,20 +1143,44 @@ return {1, out}";
             .as_deref()
             .and_then(parse_duration_ms)
             .unwrap_or(self.settings.reservation_ttl_ms);
-        let reserve = reserve_id
-            .as_deref()
+        // Leases (concurrency rules) are taken on the request path under the request
+        // id and freed when the response path settles it, or when the request's TTL
+        // passes. The module keeps one TTL per request: a request taking leases lives
+        // at most the shortest `concurrency_ttl` of its rules.
+        let takes_leases = main.iter().any(|p| p.rule.concurrency.is_some());
+        let request_ttl = main
+            .iter()
+            .filter_map(|p| p.rule.concurrency.as_ref()?.ttl.as_deref())
+            .filter_map(parse_duration_ms)
+            .min()
+            .map_or(reservation_ttl, |lease_ttl| lease_ttl.min(reservation_ttl));
+        let generated_id;
+        let request_id = match reserve_id.as_deref() {
+            Some(id) => Some(id),
+            None if takes_leases && !denied_by_quota => {
+                // Envoy sent no request id: nothing can release this lease but its TTL.
+                self.metrics.leases_without_request_id.inc();
+                tracing::debug!(domain = %req.domain, "a lease taken without a request id is held until its TTL");
+                generated_id = random_id();
+                Some(generated_id.as_str())
+            }
+            None => None,
+        };
+        let reserve = request_id
             .filter(|_| !denied_by_quota)
-            .map(|id| (id, reservation_ttl));
+            .map(|id| (id, request_ttl));
+        // Estimates are kept only for ids the response path can name.
+        let estimate_for = reserve.filter(|_| reserve_id.is_some());
 
         // Usage reports never deny; they run beside the decision.
         let report_futs = join_all(reports.iter().map(|p| self.report_usage(p)));
-        let estimate_groups = if reserve.is_some() {
+        let estimate_groups = if estimate_for.is_some() {
             self.groups(main.clone())
         } else {
             Vec::new()
         };
         let estimate_write = async {
-            let Some((id, ttl)) = reserve else {
+            let Some((id, ttl)) = estimate_for else {
                 return Ok(());
             };
             let groups = estimate_groups;

@@ -366,6 +366,16 @@ fn bad_extensions_name_the_position() {
             .contains("descriptors[0]: tollgate.report_usage needs a rate_limit"),
         "{e}"
     );
+    let e = yaml("domain: d\ndescriptors:\n  - key: org\n    descriptors:\n      - key: a\n      - key: jobs\n        tollgate: {concurrency: 2}\n")
+        .expect_err("an error");
+    assert!(e.to_string().starts_with("t.yaml: descriptors[0].descriptors[1]: tollgate.concurrency needs tollgate.request_id_key and tollgate.settle_id_key"), "{e}");
+    let e = yaml("domain: d\ntollgate: {request_id_key: rid}\ndescriptors:\n  - key: jobs\n    tollgate: {concurrency: 2}\n")
+        .expect_err("an error");
+    assert!(
+        e.message
+            .contains("descriptors[0]: tollgate.concurrency needs"),
+        "{e}"
+    );
     let e = yaml("domain: d\ntollgate: {color: red}\n").expect_err("an error");
     assert!(e.message.contains("unknown field `color`"), "{e}");
 }

@@ -475,3 +475,80 @@ descriptors:
     assert_eq!(used("rls:q:user_alice", "rls:q:user"), 3);
     assert_eq!(used("rls:q:monthly_m", "rls:q:monthly"), 3);
 }
+
+const JOBS: &str = r#"
+domain: jobs
+tollgate:
+  request_id_key: request_id
+  settle_id_key: settle_id
+descriptors:
+  - key: user
+    tollgate: {concurrency: 1, concurrency_ttl: 60s}
+  - key: route
+    rate_limit: {unit: hour, requests_per_unit: 100}
+"#;
+
+/// A lease is taken on the request path under the request id and held until the
+/// response path settles that id — in one call, and split over several calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lives_from_the_request_path_to_the_response_path() {
+    let redis = Server::start();
+    for (round, extra) in [&[][..], &["--max-keys-per-call", "1"][..]]
+        .into_iter()
+        .enumerate()
+    {
+        let rls = Rls::start(&redis.url(), JOBS, extra);
+        let mut c = rls.client().await;
+        let user = format!("u{round}");
+        let key = format!("rls:jobs:user_{user}");
+        let leases = || usage_used(&redis, &key, "rls:jobs:user", "concurrency");
+        let call = |id_key: &str, id: &str| {
+            request(
+                "jobs",
+                vec![
+                    desc(&[(id_key, id), ("user", user.as_str())]),
+                    desc(&[("route", "chat")]),
+                ],
+            )
+        };
+        let r = ask(&mut c, call("request_id", "r1")).await;
+        assert!(ok(&r), "{extra:?}: {r:?}");
+        assert_eq!(
+            leases(),
+            1,
+            "{extra:?}: r1 holds its lease after the answer"
+        );
+        let r = ask(&mut c, call("request_id", "r2")).await;
+        assert!(over(&r), "{extra:?}: the one slot is r1's: {r:?}");
+        assert_eq!(r.statuses[0].code, OVER_LIMIT);
+        // The response path of r1 frees the slot.
+        let r = ask(&mut c, call("settle_id", "r1")).await;
+        assert!(ok(&r), "{extra:?}: {r:?}");
+        assert_eq!(leases(), 0, "{extra:?}: settling r1 released its lease");
+        assert!(ok(&ask(&mut c, call("request_id", "r3")).await));
+        assert_eq!(leases(), 1);
+        // Without a request id the lease is still held (until its TTL), never
+        // released on the spot; that is counted.
+        let anonymous = || {
+            request(
+                "jobs",
+                vec![desc(&[("user", "nobody")]), desc(&[("route", "chat")])],
+            )
+        };
+        let nobody = "rls:jobs:user_nobody".to_string();
+        assert!(ok(&ask(&mut c, anonymous()).await), "{extra:?}");
+        assert_eq!(
+            usage_used(&redis, &nobody, "rls:jobs:user", "concurrency"),
+            1
+        );
+        assert!(over(&ask(&mut c, anonymous()).await), "{extra:?}");
+        assert_eq!(
+            rls.metric("tollgate_rls_leases_without_request_id_total"),
+            2,
+            "{extra:?}"
+        );
+        let _ = redis::cmd("DEL")
+            .arg(&nobody)
+            .query::<i64>(&mut redis.client());
+    }
+}
