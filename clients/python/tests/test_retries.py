@@ -13,8 +13,10 @@ import pytest
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.retry import Retry
 
 from conftest import uniq
 from tollgate import AsyncLimiter, Limiter
@@ -63,8 +65,16 @@ class Blocked:
     def __enter__(self) -> "Blocked":
         self.thread.start()
         assert self.ready.wait(5)
-        time.sleep(0.05)  # the script is running
-        return self
+        # Until the script runs (the server then answers nobody), however busy the machine.
+        with redis.Redis(port=self.port, socket_timeout=0.05, retry=Retry(NoBackoff(), 0)) as probe:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    probe.ping()
+                except redis.exceptions.TimeoutError:
+                    return self
+                time.sleep(0.01)
+        raise AssertionError("the busy script did not start")
 
     def __exit__(self, *exc: object) -> None:
         self.thread.join(10)
