@@ -99,6 +99,12 @@ struct Args {
     #[arg(long, default_value_t = 300_000)]
     reservation_ttl_ms: u64,
 
+    /// At most this many distinct descriptor `limit` overrides (each a plan in Redis);
+    /// a request whose override would be one more is denied, logged and counted in
+    /// tollgate_rls_override_plans_refused_total.
+    #[arg(long, default_value_t = 1000)]
+    max_override_plans: usize,
+
     /// A hit counts as near the limit past this share of it (near_limit metric).
     #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
@@ -246,6 +252,7 @@ async fn run(args: Args, initial: config::Config) -> Result<(), Box<dyn std::err
         dynamic_metadata: args.dynamic_metadata,
         max_keys_per_call: usize::from(args.max_keys_per_call),
         reservation_ttl_ms: args.reservation_ttl_ms.max(1),
+        max_override_plans: args.max_override_plans,
         near_limit_ratio: args.near_limit_ratio,
     };
     let service = Arc::new(Service::new(initial, redis, metrics.clone(), settings));

@@ -14,7 +14,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric of the service.
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub config_load_error: IntCounter,
     pub refunds_unmatched: IntCounter,
     pub leases_without_request_id: IntCounter,
+    pub override_plans: IntGauge,
+    pub override_plans_refused: IntCounter,
     pub response_time: Histogram,
     detailed: Mutex<HashSet<(String, String)>>,
     max_detailed_series: usize,
@@ -138,6 +141,21 @@ impl Metrics {
                 &r,
                 "tollgate_rls_leases_without_request_id_total",
                 "request-path calls that took a lease without a request id (held until its TTL)",
+            ),
+            override_plans: {
+                let name = "tollgate_rls_override_plans";
+                let g = IntGauge::new(
+                    name,
+                    "plans made for descriptor limit overrides (at most --max-override-plans)",
+                )
+                .unwrap_or_else(|e| unreachable_metric(name, &e));
+                let _ = r.register(Box::new(g.clone()));
+                g
+            },
+            override_plans_refused: counter(
+                &r,
+                "tollgate_rls_override_plans_refused_total",
+                "requests denied because their limit override would pass --max-override-plans",
             ),
             response_time,
             registry: r,

@@ -58,6 +58,7 @@ pub struct Settings {
     pub max_keys_per_call: usize,
     pub reservation_ttl_ms: u64,
     pub near_limit_ratio: f64,
+    pub max_override_plans: usize,
 }
 
 /// The rate limit service.
@@ -67,8 +68,20 @@ pub struct Service {
     metrics: Arc<Metrics>,
     settings: Settings,
     also_supported: AtomicBool,
-    synced_override_plans: Mutex<HashSet<String>>,
+    override_plans: Mutex<OverridePlans>,
     resyncing: Arc<AtomicBool>,
+}
+
+/// The plans made for Envoy's per-descriptor `limit` overrides (one per rule path,
+/// limit and unit). Every one stays in Redis, so their number is bounded.
+#[derive(Default)]
+struct OverridePlans {
+    /// Every override plan this process made (never shrinks: the plans stay).
+    made: HashSet<String>,
+    /// Those applied to Redis since the last (re)sync of the config's plans.
+    synced: HashSet<String>,
+    /// Requests refused at the bound (logs are throttled by it).
+    refused: u64,
 }
 
 /// One request descriptor, prepared.
@@ -295,7 +308,7 @@ impl Service {
             metrics,
             settings,
             also_supported: AtomicBool::new(true),
-            synced_override_plans: Mutex::new(HashSet::new()),
+            override_plans: Mutex::new(OverridePlans::default()),
             resyncing: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -323,8 +336,8 @@ impl Service {
     /// Applies every plan of `config` to Redis.
     pub async fn sync_plans(&self, config: &Config) -> Result<usize, String> {
         // Override plans are made on demand; forget them so they are re-made.
-        if let Ok(mut overrides) = self.synced_override_plans.lock() {
-            overrides.clear();
+        if let Ok(mut overrides) = self.override_plans.lock() {
+            overrides.synced.clear();
         }
         self.redis.sync_plans(&config.plans()).await
     }
@@ -337,8 +350,8 @@ impl Service {
         }
         let redis = self.redis.clone();
         let plans = self.config().plans();
-        if let Ok(mut overrides) = self.synced_override_plans.lock() {
-            overrides.clear();
+        if let Ok(mut overrides) = self.override_plans.lock() {
+            overrides.synced.clear();
         }
         let flag = self.resyncing.clone();
         tokio::spawn(async move {
@@ -416,9 +429,9 @@ impl Service {
 
     async fn ensure_override_plan(&self, rule: &Rule) -> Result<(), CallError> {
         let known = self
-            .synced_override_plans
+            .override_plans
             .lock()
-            .map(|s| s.contains(&rule.plan))
+            .map(|s| s.synced.contains(&rule.plan))
             .unwrap_or(false);
         if known {
             return Ok(());
@@ -432,10 +445,42 @@ impl Service {
             .sync_plans(&plans)
             .await
             .map_err(CallError::Reply)?;
-        if let Ok(mut s) = self.synced_override_plans.lock() {
-            s.insert(rule.plan.clone());
+        if let Ok(mut s) = self.override_plans.lock() {
+            s.synced.insert(rule.plan.clone());
         }
         Ok(())
+    }
+
+    /// Whether the override plan of `rule` may be used: already made, or one more
+    /// fits under `--max-override-plans`. A refusal is counted and logged (the 1st,
+    /// 2nd, 4th, 8th... one, so a flood does not flood the log).
+    fn admit_override_plan(&self, rule: &Rule) -> bool {
+        let Ok(mut plans) = self.override_plans.lock() else {
+            return false;
+        };
+        if plans.made.contains(&rule.plan) {
+            return true;
+        }
+        if plans.made.len() < self.settings.max_override_plans {
+            plans.made.insert(rule.plan.clone());
+            self.metrics
+                .override_plans
+                .set(i64::try_from(plans.made.len()).unwrap_or(i64::MAX));
+            return true;
+        }
+        plans.refused += 1;
+        self.metrics.override_plans_refused.inc();
+        if plans.refused.is_power_of_two() {
+            tracing::warn!(
+                domain = %rule.domain,
+                rule = %rule.path,
+                plan = %rule.plan,
+                made = plans.made.len(),
+                refused = plans.refused,
+                "a descriptor limit override would pass --max-override-plans: the request is denied (OVER_LIMIT, nothing charged)"
+            );
+        }
+        false
     }
 
     fn acquire_cmd(&self, group: &[Pair], id: Option<(&str, u64)>, peek: bool) -> Cmd {
@@ -927,6 +972,37 @@ return {1, out}";
         })
     }
 
+    /// The answer to a request whose `limit` override cannot be made (past
+    /// `--max-override-plans`): OVER_LIMIT on those descriptors, nothing charged.
+    fn refused_override_response(&self, items: &[Item], refused: &[usize]) -> RateLimitResponse {
+        let statuses = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                if refused.contains(&i) {
+                    DescriptorStatus {
+                        code: Code::OverLimit as i32,
+                        current_limit: it.rule.as_deref().and_then(current_limit),
+                        ..DescriptorStatus::default()
+                    }
+                } else {
+                    status_ok()
+                }
+            })
+            .collect();
+        let overall = if self.settings.shadow_mode {
+            self.metrics.global_shadow_mode.inc();
+            Code::Ok
+        } else {
+            Code::OverLimit
+        };
+        RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            ..RateLimitResponse::default()
+        }
+    }
+
     /// The decision for one request.
     pub async fn decide(&self, req: RateLimitRequest) -> Result<RateLimitResponse, Status> {
         if req.domain.is_empty() {
@@ -953,6 +1029,7 @@ return {1, out}";
         let mut reserve_id: Option<String> = None;
         let mut settle_id: Option<String> = None;
         let mut items: Vec<Item> = Vec::with_capacity(req.descriptors.len());
+        let mut refused_overrides: Vec<usize> = Vec::new();
         for d in &req.descriptors {
             let mut entries: Vec<(String, String)> = Vec::with_capacity(d.entries.len());
             let mut tag: Option<&str> = None;
@@ -987,6 +1064,9 @@ return {1, out}";
                 (Some((n, unit)), found) => {
                     let matched = found.as_ref().map(|m| &m.rule);
                     let rule = self.override_rule(&req.domain, matched, &entries, n, unit);
+                    if !self.admit_override_plan(&rule) {
+                        refused_overrides.push(items.len());
+                    }
                     let kv = match found {
                         Some(m) => m.key_values,
                         None => entries.iter().map(|(_, v)| v.clone()).collect(),
@@ -1021,6 +1101,9 @@ return {1, out}";
                 negative: d.is_negative_hits,
                 unlimited,
             });
+        }
+        if !refused_overrides.is_empty() {
+            return Ok(self.refused_override_response(&items, &refused_overrides));
         }
         // `replaces`: a matched rule named by another matched rule's `replaces` drops out.
         let replaced: HashSet<String> = items

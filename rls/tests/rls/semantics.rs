@@ -552,3 +552,53 @@ async fn a_lease_lives_from_the_request_path_to_the_response_path() {
             .query::<i64>(&mut redis.client());
     }
 }
+
+/// Each distinct `limit` override is a plan in Redis: past `--max-override-plans`
+/// a new one is refused (OVER_LIMIT, nothing charged, logged and counted), while
+/// overrides already made keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_overrides_make_a_bounded_number_of_plans() {
+    let redis = Server::start();
+    let config = r#"
+domain: o
+descriptors:
+  - key: tenant
+    rate_limit: {unit: minute, requests_per_unit: 100}
+"#;
+    let rls = Rls::start(&redis.url(), config, &["--max-override-plans", "2"]);
+    let mut c = rls.client().await;
+    let tenant = |limit: u32| request("o", vec![with_limit(desc(&[("tenant", "t1")]), limit, 2)]);
+    let override_plans = || {
+        let plans: Vec<String> = redis::cmd("RL.PLAN.LIST")
+            .query(&mut redis.client())
+            .unwrap();
+        plans.iter().filter(|p| p.starts_with("rls-o:")).count()
+    };
+    assert!(ok(&ask(&mut c, tenant(50)).await));
+    assert!(ok(&ask(&mut c, tenant(60)).await));
+    assert_eq!(override_plans(), 2);
+    assert_eq!(rls.metric("tollgate_rls_override_plans"), 2);
+    // A third distinct override: refused, and the tenant's counter is not charged.
+    let r = ask(&mut c, tenant(70)).await;
+    assert!(over(&r), "{r:?}");
+    assert_eq!(r.statuses[0].code, OVER_LIMIT);
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        70
+    );
+    assert_eq!(override_plans(), 2, "no plan past the bound");
+    assert_eq!(rls.metric("tollgate_rls_override_plans_refused_total"), 1);
+    assert!(rls.log().contains("--max-override-plans"), "{}", rls.log());
+    assert_eq!(
+        usage_used(&redis, "rls:o:tenant_t1", "rls:o:tenant", "rate"),
+        2
+    );
+    // The overrides already made still decide.
+    let r = ask(&mut c, tenant(50)).await;
+    assert!(ok(&r), "{r:?}");
+    assert_eq!(r.statuses[0].limit_remaining, 47);
+}
