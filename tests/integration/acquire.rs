@@ -52,7 +52,16 @@ fn the_reply_carries_every_field_in_resp2_and_resp3() {
         let names: Vec<String> = d.limits.iter().map(|l| text(&l["name"])).collect();
         assert_eq!(names, ["rpm", "rpd", "tpm", "big", "spend"]);
         for limit in &d.limits {
-            for field in ["name", "unit", "limit", "remaining", "reset_ms", "warn"] {
+            for field in [
+                "name",
+                "kind",
+                "unit",
+                "limit",
+                "remaining",
+                "reset_ms",
+                "window_ms",
+                "warn",
+            ] {
                 assert!(
                     limit.contains_key(field),
                     "limit without {field}: {limit:?}"
@@ -60,6 +69,8 @@ fn the_reply_carries_every_field_in_resp2_and_resp3() {
             }
         }
         assert_eq!(text(&d.limits[2]["unit"]), "token");
+        let kinds: Vec<String> = d.limits.iter().map(|l| text(&l["kind"])).collect();
+        assert_eq!(kinds[0], "sliding", "{kinds:?}");
         assert_eq!(d.limit("tpm", "limit"), 4000);
         assert_eq!(d.limit("big", "remaining"), 3000);
     }

@@ -75,6 +75,8 @@ fn configs_are_validated() {
         "tollgate.max-waiters-per-key",
         "tollgate.max-waiters",
         "tollgate.cl-throttle-alias",
+        "tollgate.max-also",
+        "tollgate.strict-units",
     ] {
         assert!(
             names.iter().any(|n| n == name),
@@ -190,4 +192,65 @@ fn commands_carry_flags_key_specs_and_docs() {
         let flags = format!("{:?}", run(&mut con, &["COMMAND", "INFO", name]));
         assert_eq!(flags.contains("denyoom"), deny_oom, "{name}: {flags}");
     }
+}
+
+#[test]
+fn strict_units_refuses_a_cost_unit_no_limit_counts_and_charges_nothing() {
+    let server = Server::start();
+    let mut con = server.client();
+    run(
+        &mut con,
+        &[
+            "RL.PLAN.SET",
+            "p",
+            "rpm",
+            "sliding 10/1m",
+            "tpm",
+            "sliding 1000 token/1m",
+        ],
+    );
+    // Off (the default): a typo charges nothing of the misspelt unit and is admitted.
+    let d = decision(
+        &mut con,
+        &["RL.ACQUIRE", "k", "p", "1", "COST", "tokens", "5"],
+    );
+    assert!(d.allowed());
+    assert_eq!(d.remaining("tpm"), 1000);
+    assert_eq!(
+        string(&mut con, &["CONFIG", "SET", "tollgate.strict-units", "yes"]),
+        "OK"
+    );
+    let e = err(
+        &mut con,
+        &["RL.ACQUIRE", "k", "p", "1", "COST", "tokens", "5"],
+    );
+    assert!(
+        e.starts_with("ERR COST unit 'tokens' is counted by no limit"),
+        "{e}"
+    );
+    let d = decision(&mut con, &["RL.PEEK", "k", "p", "0"]);
+    assert_eq!(d.remaining("rpm"), 9, "the refused call charged nothing");
+    let d = decision(
+        &mut con,
+        &["RL.ACQUIRE", "k", "p", "1", "COST", "token", "5"],
+    );
+    assert!(d.allowed());
+    assert_eq!(d.remaining("tpm"), 995);
+}
+
+#[test]
+fn a_plan_counting_a_reserved_word_as_unit_is_refused() {
+    let server = Server::start();
+    let mut con = server.client();
+    for unit in ["credits", "ID", "ttl", "cost", "compact", "also"] {
+        let spec = format!("sliding 10 {unit}/1m");
+        let e = err(&mut con, &["RL.PLAN.SET", "p", "lim", &spec]);
+        assert!(e.contains("reserved word"), "{unit}: {e}");
+    }
+    let e = err(&mut con, &["RL.PLAN.SET", "p", "lim", "fixed 10 lease/1h"]);
+    assert!(e.contains("reserved word"), "{e}");
+    // A lease limit is how concurrency counts: that one is accepted.
+    run(&mut con, &["RL.PLAN.SET", "p", "jobs", "concurrency 2"]);
+    let plans = run(&mut con, &["RL.PLAN.LIST"]);
+    assert!(!format!("{plans:?}").contains("lim"), "{plans:?}");
 }
