@@ -926,11 +926,29 @@ return {1, out}";
                 };
                 costs.push((p.rule.unit_id.clone(), actual));
             }
-            for cmd in self.release_cmds(&group, id, &costs) {
-                let v = self.redis.query(&cmd).await?;
-                if !reply::released(&v) {
-                    tracing::debug!(id, key = %first.key, "settlement found no live reservation");
+            let mut released = false;
+            if group.len() > 1 && self.also_supported.load(Ordering::Relaxed) {
+                // The request is registered on the first key of its call, which need
+                // not be the first here: the response path also names descriptors the
+                // request path did not reserve (shadow rules, quota rules over their
+                // limit, usage reports). Keys sort alike on both paths, so the first
+                // key that knows the id is the call's first key.
+                for p in &group {
+                    let cmds = self.release_cmds(std::slice::from_ref(p), id, &costs);
+                    for cmd in &cmds {
+                        released |= reply::released(&self.redis.query(cmd).await?);
+                    }
+                    if released {
+                        break;
+                    }
                 }
+            } else {
+                for cmd in self.release_cmds(&group, id, &costs) {
+                    released |= reply::released(&self.redis.query(&cmd).await?);
+                }
+            }
+            if !released {
+                tracing::debug!(id, key = %first.key, "settlement found no live reservation");
             }
         }
         Ok(())

@@ -602,3 +602,53 @@ descriptors:
     assert!(ok(&r), "{r:?}");
     assert_eq!(r.statuses[0].limit_remaining, 47);
 }
+
+/// The response path names every descriptor again, also those the request path did
+/// not reserve (a shadow rule here, whose key sorts first): the reservation is still
+/// found and settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_finds_the_reservation_beside_descriptors_it_did_not_reserve() {
+    let redis = Server::start();
+    let config = r#"
+domain: ai
+tollgate:
+  tenant_key: org
+  request_id_key: request_id
+  settle_id_key: settle_id
+descriptors:
+  - key: org
+    descriptors:
+      - key: audit
+        rate_limit: {unit: day, requests_per_unit: 1000}
+        shadow_mode: true
+      - key: tokens
+        rate_limit: {unit: day, requests_per_unit: 1000}
+        tollgate: {cost_unit: token}
+"#;
+    let rls = Rls::start(&redis.url(), config, &[]);
+    let mut c = rls.client().await;
+    let call = |id_key: &str, hits: u64| {
+        request(
+            "ai",
+            vec![
+                desc(&[("org", "acme"), ("audit", "all")]),
+                with_hits(
+                    desc(&[("org", "acme"), (id_key, "r1"), ("tokens", "gpt")]),
+                    hits,
+                ),
+            ],
+        )
+    };
+    assert!(ok(&ask(&mut c, call("request_id", 600)).await));
+    let tokens = || {
+        usage_used(
+            &redis,
+            "rls:{acme}:ai:org_acme.tokens_gpt",
+            "rls:ai:org.tokens",
+            "rate",
+        )
+    };
+    assert_eq!(tokens(), 600);
+    assert!(ok(&ask(&mut c, call("settle_id", 100)).await));
+    assert_eq!(tokens(), 100, "the reservation was settled at the actual");
+}
