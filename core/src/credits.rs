@@ -684,22 +684,34 @@ impl Credits {
         Ok(credits)
     }
 
-    /// Approximate heap bytes held (for `MEMORY USAGE`).
+    /// Heap bytes held (for `MEMORY USAGE`): every index entry with its share of its
+    /// B-tree's nodes, and every id allocation (a block's id is held twice, a
+    /// remembered id twice), as the allocator rounds them.
     pub fn mem_usage(&self) -> usize {
-        let blocks: usize = self.blocks.values().map(|b| 2 * b.id.len() + 120).sum();
+        use crate::mem::{allocation, btree_entry};
+        let per_block = btree_entry::<BlockKey, Block>() + btree_entry::<Box<[u8]>, BlockKey>();
+        let blocks: usize = self
+            .blocks
+            .values()
+            .map(|b| per_block + 2 * allocation(b.id.len()))
+            .sum();
+        let funded = self.funded.len() * btree_entry::<BlockKey, ()>();
+        let per_id = btree_entry::<Box<[u8]>, Remembered>() + btree_entry::<(u64, Box<[u8]>), ()>();
         let ids: usize = self
             .ids
             .iter()
-            .map(|(k, r)| {
-                2 * k.len()
-                    + 120
-                    + match &r.recorded {
-                        Recorded::Deduct { parts, .. } => parts.len() * 24,
+            .map(|(key, remembered)| {
+                per_id
+                    + 2 * allocation(key.len())
+                    + match &remembered.recorded {
+                        Recorded::Deduct { parts, .. } => {
+                            allocation(parts.capacity() * size_of::<(BlockKey, u64)>())
+                        }
                         Recorded::Grant { .. } => 0,
                     }
             })
             .sum();
-        std::mem::size_of::<Credits>() + blocks + ids
+        size_of::<Credits>() + blocks + funded + ids
     }
 }
 

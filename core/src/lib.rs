@@ -24,6 +24,7 @@ pub mod delta;
 pub mod keyslot;
 pub mod layout;
 pub mod limits;
+pub mod mem;
 pub mod plan;
 pub mod plansync;
 pub mod queue;

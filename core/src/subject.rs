@@ -630,24 +630,35 @@ impl Subject {
         changed
     }
 
-    /// Approximate heap bytes held (for `MEMORY USAGE`).
+    /// Heap bytes held (for `MEMORY USAGE`): the packed state, and with requests in
+    /// flight each index entry with its share of its B-tree's nodes, the id twice and
+    /// the request's vectors, as the allocator rounds them.
     pub fn mem_usage(&self) -> usize {
-        let mut bytes = std::mem::size_of::<Subject>() + self.packed.heap_bytes();
+        use crate::mem::{allocation, btree_entry};
+        let mut bytes = size_of::<Subject>() + self.packed.heap_bytes();
         if let Some(extra) = self.extra.as_deref() {
-            bytes += std::mem::size_of::<Extra>() + extra.assigned.as_deref().map_or(0, str::len);
+            bytes += allocation(size_of::<Extra>())
+                + extra.assigned.as_deref().map_or(0, |a| allocation(a.len()));
+            let per_request =
+                btree_entry::<Box<[u8]>, Request>() + btree_entry::<(u64, Box<[u8]>), ()>();
             for (id, request) in extra.requests.iter() {
-                // Two index entries and the id twice, the request and its vectors.
-                bytes += 2 * (id.len() + 48)
-                    + std::mem::size_of::<Request>()
-                    + request.leases.len() * 16
-                    + request.charges.len() * std::mem::size_of::<crate::requests::Charge>()
-                    + request.links.iter().map(|l| l.len() + 16).sum::<usize>();
+                bytes += per_request
+                    + 2 * allocation(id.len())
+                    + allocation(request.leases.capacity() * size_of::<Arc<str>>())
+                    + allocation(request.charges.capacity() * size_of::<crate::requests::Charge>())
+                    + allocation(request.links.capacity() * size_of::<Box<[u8]>>())
+                    + request
+                        .links
+                        .iter()
+                        .map(|l| allocation(l.len()))
+                        .sum::<usize>();
             }
-            bytes += extra
-                .ended
-                .iter()
-                .map(|(id, _, _)| id.len() + 40)
-                .sum::<usize>();
+            bytes += extra.ended.capacity() * size_of::<(Box<[u8]>, Ended, u64)>()
+                + extra
+                    .ended
+                    .iter()
+                    .map(|(id, _, _)| allocation(id.len()))
+                    .sum::<usize>();
         }
         bytes
     }
