@@ -155,6 +155,22 @@ impl Server {
         Server::start_in(dir, extra)
     }
 
+    /// Starts with `appendonly yes` on a copy of the multi-part AOF directory `aof`
+    /// (its manifest, base and increments), so the server replays it as it loads.
+    pub fn start_from_aof(aof: &Path, extra: &[&str]) -> Server {
+        let dir = new_dir();
+        let target = dir.join("appendonlydir");
+        std::fs::create_dir_all(&target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
+        let files = std::fs::read_dir(aof).unwrap_or_else(|e| panic!("{}: {e}", aof.display()));
+        for file in files.flatten() {
+            std::fs::copy(file.path(), target.join(file.file_name()))
+                .unwrap_or_else(|e| panic!("copy {}: {e}", file.path().display()));
+        }
+        let mut args = vec!["--appendonly", "yes"];
+        args.extend_from_slice(extra);
+        Server::start_in(dir, &args)
+    }
+
     fn start_in(dir: PathBuf, extra: &[&str]) -> Server {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Server::launch(dir, args)

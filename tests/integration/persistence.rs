@@ -255,55 +255,80 @@ fn an_rdb_saved_by_encoding_version_1_still_loads() {
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encodings-v1.rdb");
     let server = Server::start_from_rdb(&fixture, &[]);
-    let mut con = server.client();
     assert!(
         server.log().contains("DB loaded from disk"),
         "{}",
         server.log()
     );
-    let plans: Vec<String> = redis::cmd("RL.PLAN.LIST").query(&mut con).unwrap();
+    the_saved_session_is_all_there(&mut server.client());
+}
+
+/// The AOF of the same session, written by the previous release (its `RL.APPLY`
+/// deltas are version 1), replays into the same state.
+#[test]
+fn an_aof_written_with_version_1_deltas_still_replays() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aof-v1");
+    let server = Server::start_from_aof(&fixture, &[]);
+    assert!(
+        server.log().contains("DB loaded from append only file"),
+        "{}",
+        server.log()
+    );
+    let mut con = server.client();
+    the_saved_session_is_all_there(&mut con);
+    // Rewritten in the current format, it loads into the same state.
+    run(&mut con, &["BGREWRITEAOF"]);
+    wait_until(10, "the AOF rewrite", || {
+        let info = string(&mut con, &["INFO", "persistence"]);
+        info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0")
+    });
+    let before = digest(&mut con);
+    run(&mut con, &["DEBUG", "LOADAOF"]);
+    assert_eq!(digest(&mut con), before);
+}
+
+/// What `tests/fixtures/README.md` says the saved session holds.
+fn the_saved_session_is_all_there(con: &mut redis::Connection) {
+    let plans: Vec<String> = redis::cmd("RL.PLAN.LIST").query(con).unwrap();
     assert_eq!(plans, ["scoped", "tenyear"]);
-    assert_eq!(string(&mut con, &["RL.PLAN.DEFAULT"]), "tenyear");
-    let scoped = map_of(&run(&mut con, &["RL.PLAN.GET", "scoped"]));
+    assert_eq!(string(con, &["RL.PLAN.DEFAULT"]), "tenyear");
+    let scoped = map_of(&run(con, &["RL.PLAN.GET", "scoped"]));
     assert_eq!(text(&scoped["chat"]), "fixed 5/120mo for chat");
     assert_eq!(text(&scoped["fallback"]), "tenyear");
-    assert_eq!(string(&mut con, &["RL.ASSIGN", "user:1"]), "tenyear");
-    assert_eq!(int(&mut con, &["TTL", "user:1"]), -1);
+    assert_eq!(string(con, &["RL.ASSIGN", "user:1"]), "tenyear");
+    assert_eq!(int(con, &["TTL", "user:1"]), -1);
     // Usage carried by the file: 3 requests, 400 tokens, two leases in flight.
-    let d = decision(&mut con, &["RL.PEEK", "user:1", "*", "0"]);
+    let d = decision(con, &["RL.PEEK", "user:1", "*", "0"]);
     assert_eq!(d.remaining("rpy"), 97);
     assert_eq!(d.remaining("slide"), 997);
     assert_eq!(d.remaining("tok"), 4600);
     // Settling the reservation made before the save refunds into the same window.
     let released = map_of(&run(
-        &mut con,
+        con,
         &["RL.RELEASE", "user:1", "req-1", "COST", "token", "100"],
     ));
     assert_eq!(int_of(&released["released"]), 1);
-    let d = decision(&mut con, &["RL.PEEK", "user:1", "*", "0"]);
+    let d = decision(con, &["RL.PEEK", "user:1", "*", "0"]);
     assert_eq!(d.remaining("tok"), 4800);
-    let d = decision(
-        &mut con,
-        &["RL.PEEK", "user:2", "scoped", "ENDPOINT", "chat"],
-    );
+    let d = decision(con, &["RL.PEEK", "user:2", "scoped", "ENDPOINT", "chat"]);
     assert_eq!(d.remaining("chat"), 3);
-    assert_eq!(int(&mut con, &["RL.CREDITS.BALANCE", "credits:1"]), 4490);
+    assert_eq!(int(con, &["RL.CREDITS.BALANCE", "credits:1"]), 4490);
     // The remembered deduction can still be refunded, once.
-    let refund = run(&mut con, &["RL.CREDITS.REFUND", "credits:1", "ded-1"]);
+    let refund = run(con, &["RL.CREDITS.REFUND", "credits:1", "ded-1"]);
     assert_eq!(refund, run_value_pair(1200, 5690));
     assert_eq!(
         run(
-            &mut con,
+            con,
             &["RL.CREDITS.GRANT", "credits:1", "700", "ID", "grant-b"]
         ),
         Value::Int(5700),
         "a remembered grant answers its first result"
     );
-    assert_eq!(int(&mut con, &["RL.CREDITS.BALANCE", "credits:1"]), 5690);
+    assert_eq!(int(con, &["RL.CREDITS.BALANCE", "credits:1"]), 5690);
     // Everything saves and loads again in the current encoding.
-    let before = digest(&mut con);
-    run(&mut con, &["DEBUG", "RELOAD"]);
-    assert_eq!(digest(&mut con), before);
+    let before = digest(con);
+    run(con, &["DEBUG", "RELOAD"]);
+    assert_eq!(digest(con), before);
 }
 
 fn run_value_pair(a: i64, b: i64) -> Value {
