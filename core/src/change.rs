@@ -575,4 +575,113 @@ mod tests {
             assert!(Delta::decode(bad, &mut interner, None).is_err(), "{bad:?}");
         }
     }
+
+    /// A hostile `RL.APPLY`: real deltas, made by a primary, with one value altered
+    /// out of range (an instant near 2^64, a sequence at `u64::MAX`), are refused at
+    /// decode; the unaltered ones decode.
+    #[test]
+    fn a_real_delta_altered_to_carry_an_out_of_range_instant_or_sequence_is_refused() {
+        use crate::credits::{CreditSettings, Credits, Touched};
+        use crate::delta::{CreditsDelta, CreditsDeltaWriter};
+
+        // A subject delta: the second call on a subject advances it (OP_ADVANCE) and,
+        // the plan holding leases, moves the id sequence (OP_SEQ).
+        let (plans, mut interner) = plans();
+        let plan = plans.get("p").cloned().unwrap();
+        let settings = Settings::default();
+        let call = Call {
+            costs: Costs {
+                request: 1,
+                units: &[("token", 10)],
+            },
+            ..Call::default()
+        };
+        let mut subject: Option<Subject> = None;
+        let mut replica = None;
+        let mut second = None;
+        for now in [1_000_000, 1_000_500] {
+            let pairs = [Pair {
+                subject: subject.as_ref(),
+                plan: &plan,
+            }];
+            let decision = decide::decide(&plans, &pairs, &call, None, now, &settings);
+            assert!(decision.admitted());
+            let committed = decide::commit(
+                &decision,
+                &pairs,
+                &call,
+                &[],
+                &settings,
+                &mut interner,
+                &|_| false,
+            )
+            .unwrap();
+            let [change] = <[Change; 1]>::try_from(committed.changes.into_vec()).unwrap();
+            replica.clone_from(&subject);
+            second = Some(change.clone());
+            change.apply_to(&mut subject);
+        }
+        let real = second.unwrap();
+        assert!(real.limits.as_ref().is_some_and(|l| l.touched.is_some()));
+        assert!(real.seq.is_some());
+        let decodes = |change: &Change, interner: &mut LayoutInterner| {
+            let mut w = Writer::new();
+            change.encode(&mut w, KeyExpiry::Keep);
+            Delta::decode(&w.into_inner(), interner, replica.as_ref()).is_ok()
+        };
+        assert!(decodes(&real, &mut interner), "the real delta decodes");
+        for instant in [u64::MAX - 1, 1 << 63, MAX_INSTANT_MS + 1] {
+            let mut late = real.clone();
+            if let Some(limits) = late.limits.as_mut() {
+                limits.updated_ms = instant;
+            }
+            assert!(!decodes(&late, &mut interner), "advance to {instant}");
+        }
+        let mut wrapped = real.clone();
+        wrapped.seq = Some(u64::MAX);
+        assert!(!decodes(&wrapped, &mut interner), "sequence u64::MAX");
+
+        // A credits delta: a grant and a deduction, then its instant or sequence
+        // altered.
+        let cs = CreditSettings {
+            window_ms: 1_000,
+            max_ids: 100,
+            max_blocks: 1_000,
+        };
+        let mut credits = Credits::new();
+        let mut touched = Touched::default();
+        assert_eq!(
+            credits.grant(10, None, None, 1_000, &cs, &mut touched),
+            Ok(10)
+        );
+        assert_eq!(
+            credits.deduct(3, false, Some(b"r"), 1_001, &cs, &mut touched),
+            Ok((3, 7))
+        );
+        let payload = |c: &Credits| {
+            let mut w = CreditsDeltaWriter::new(Vec::new());
+            w.changes(c, &touched).expiry(KeyExpiry::Keep);
+            w.finish()
+        };
+        let delta = CreditsDelta::decode(&payload(&credits));
+        assert!(delta.is_ok(), "the real credits delta decodes");
+        assert_eq!(
+            delta.ok().and_then(CreditsDelta::into_new),
+            Some(credits.clone())
+        );
+        for instant in [u64::MAX - 1, 1 << 63, MAX_INSTANT_MS + 1] {
+            let mut late = credits.clone();
+            late.updated_ms = instant;
+            assert!(
+                CreditsDelta::decode(&payload(&late)).is_err(),
+                "credits at {instant}"
+            );
+        }
+        let mut wrapped = credits.clone();
+        wrapped.next_seq = u64::MAX;
+        assert!(
+            CreditsDelta::decode(&payload(&wrapped)).is_err(),
+            "credits sequence u64::MAX"
+        );
+    }
 }
