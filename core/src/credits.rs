@@ -1124,6 +1124,50 @@ mod tests {
     }
 
     #[test]
+    fn a_deduction_spanning_more_than_a_million_blocks_encodes_and_decodes() {
+        // max-blocks-per-key allows up to MAX_BLOCKS: one deduction may take from more
+        // than a million blocks, and its record must load and replicate again. Built
+        // directly (granting a million blocks one by one is slow in tests): the key
+        // after such a deduction whose blocks have since expired (dropped) while the
+        // deduction id is still remembered.
+        const N: u64 = 1_000_001;
+        let mut c = Credits::new();
+        c.updated_ms = 1_000;
+        c.next_seq = N;
+        let key = id_key(DEDUCT_ID, b"all");
+        let remembered = Remembered {
+            forget_at: 2_000,
+            recorded: Recorded::Deduct {
+                deducted: N,
+                balance: 0,
+                parts: (1..=N).map(|seq| ((500, seq), 1)).collect(),
+                refunded: false,
+            },
+        };
+        c.put_id(&key, Some(remembered.clone()));
+        // The record alone.
+        let mut w = Writer::new();
+        encode_id(&mut w, &key, &remembered);
+        let buf = w.into_inner();
+        let mut r = Reader::new(&buf);
+        assert_eq!(decode_id(&mut r), Ok((key.clone(), remembered)));
+        assert_eq!(r.finish(), Ok(()));
+        // The whole key (RDB save and load).
+        let mut w = Writer::new();
+        c.encode(&mut w);
+        assert_eq!(Credits::decode(&w.into_inner()).as_ref(), Ok(&c));
+        // The replicated write that remembered it (RL.APPLY).
+        let touched = Touched {
+            ids: vec![key],
+            ..Touched::default()
+        };
+        let mut w = crate::delta::CreditsDeltaWriter::new(Vec::new());
+        w.changes(&c, &touched);
+        let delta = crate::delta::CreditsDelta::decode(&w.finish()).unwrap();
+        assert_eq!(delta.into_new().as_ref(), Some(&c));
+    }
+
+    #[test]
     fn emptied_blocks_kept_for_refunds_are_skipped_and_refilled() {
         let mut c = Credits::new();
         for _ in 0..5 {
