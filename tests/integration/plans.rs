@@ -119,3 +119,91 @@ fn the_default_plan_cannot_be_deleted_from_under_star() {
     );
     assert!(decision(&mut con, &["RL.ACQUIRE", "k", "*"]).allowed());
 }
+
+#[test]
+fn a_fallback_counting_a_limit_in_another_unit_is_refused_and_changes_nothing() {
+    let server = Server::start();
+    let mut con = server.client();
+    let list = |con: &mut redis::Connection| match run(con, &["RL.PLAN.LIST"]) {
+        Value::Array(names) => names.iter().map(text).collect::<Vec<_>>(),
+        other => panic!("RL.PLAN.LIST: {other:?}"),
+    };
+    assert_eq!(
+        int(
+            &mut con,
+            &["RL.PLAN.SET", "small", "daily", "fixed 100 token/1d"]
+        ),
+        1
+    );
+    // A new plan falling back to one that counts `daily` in another unit.
+    assert_eq!(
+        err(
+            &mut con,
+            &[
+                "RL.PLAN.SET",
+                "big",
+                "daily",
+                "fixed 5 usd/1d",
+                "fallback",
+                "small"
+            ]
+        ),
+        "ERR plan 'big' field 'fallback': limit 'daily' counts usd in plan 'big' but token \
+         in its fallback 'small': one limit name is one budget; rename one of them"
+    );
+    assert_eq!(run(&mut con, &["RL.PLAN.GET", "big"]), Value::Array(vec![]));
+    assert_eq!(list(&mut con), ["small"]);
+    // A plan falling back to a plan not made yet is fine...
+    assert_eq!(
+        int(
+            &mut con,
+            &[
+                "RL.PLAN.SET",
+                "pro",
+                "daily",
+                "fixed 5 usd/1d",
+                "fallback",
+                "later"
+            ]
+        ),
+        2
+    );
+    // ...but making that plan with `daily` in another unit closes the bad chain.
+    assert_eq!(
+        err(
+            &mut con,
+            &["RL.PLAN.SET", "later", "daily", "fixed 100 token/1d"]
+        ),
+        "ERR plan 'later' field 'fallback': limit 'daily' counts usd in plan 'pro' but token \
+         in its fallback 'later': one limit name is one budget; rename one of them"
+    );
+    assert_eq!(
+        run(&mut con, &["RL.PLAN.GET", "later"]),
+        Value::Array(vec![])
+    );
+    // Changing the unit of a limit a chain already shares is refused too.
+    assert_eq!(
+        int(
+            &mut con,
+            &["RL.PLAN.SET", "later", "daily", "fixed 9 usd/1d"]
+        ),
+        1
+    );
+    assert_eq!(
+        err(
+            &mut con,
+            &["RL.PLAN.SET", "later", "daily", "fixed 100 token/1d"]
+        ),
+        "ERR plan 'later' field 'fallback': limit 'daily' counts usd in plan 'pro' but token \
+         in its fallback 'later': one limit name is one budget; rename one of them"
+    );
+    assert_eq!(
+        text(&map_of(&run(&mut con, &["RL.PLAN.GET", "later"]))["daily"]),
+        "fixed 9 usd/1d",
+        "the refused change left the plan as it was"
+    );
+    let pro = map_of(&run(&mut con, &["RL.PLAN.GET", "pro"]));
+    assert_eq!(pro.len(), 2);
+    assert_eq!(text(&pro["daily"]), "fixed 5 usd/1d");
+    assert_eq!(list(&mut con), ["later", "pro", "small"]);
+}
