@@ -1645,3 +1645,172 @@ fn notifications_name_the_first_key_for_a_denial_and_each_key_that_crossed_its_w
     assert_eq!(info_counter(&mut con, "denied"), 1);
     assert_eq!(info_counter(&mut con, "requests_in_flight"), 0);
 }
+
+#[test]
+fn credits_with_also_are_charged_once_when_every_level_admits_and_never_when_one_denies() {
+    let server = Server::start();
+    let mut con = server.client();
+    const CREDITS: &str = "{acme}:credits";
+    int(&mut con, &["RL.PLAN.SET", "u", "rpd", "fixed 2/1d"]);
+    int(&mut con, &["RL.PLAN.SET", "o", "spend", "fixed 100 usd/1d"]);
+    assert_eq!(int(&mut con, &["RL.CREDITS.GRANT", CREDITS, "10"]), 10);
+    let call = |con: &mut redis::Connection, id: &str, usd: &str, credits: &str| {
+        decision(
+            con,
+            &[
+                "RL.ACQUIRE",
+                USER,
+                "u",
+                "COST",
+                "usd",
+                usd,
+                "ID",
+                id,
+                "CREDITS",
+                CREDITS,
+                credits,
+                "ALSO",
+                "1",
+                ORG,
+                "o",
+            ],
+        )
+    };
+    let standing = |con: &mut redis::Connection| {
+        (
+            int(con, &["RL.CREDITS.BALANCE", CREDITS]),
+            used(con, USER, "u", "rpd"),
+            used(con, ORG, "o", "spend"),
+        )
+    };
+    // Admitted: every level charged, the credits once (4, not 4 per level).
+    let d = call(&mut con, "r1", "30", "4");
+    assert!(d.allowed(), "{:?}", d.fields);
+    assert_eq!(d.int("credits"), 6);
+    assert_eq!(standing(&mut con), (6, 1, 30));
+    let before = digest(&mut con);
+    // The org denies: no credits and no level charged.
+    let d = call(&mut con, "r2", "80", "4");
+    assert!(!d.allowed());
+    assert_eq!(d.str("denied_key").as_deref(), Some(ORG));
+    assert_eq!(d.str("denied_by").as_deref(), Some("spend"));
+    assert_eq!(standing(&mut con), (6, 1, 30));
+    assert_eq!(digest(&mut con), before);
+    // Not enough credits: nothing charged on any level.
+    let d = call(&mut con, "r3", "10", "7");
+    assert!(!d.allowed());
+    assert_eq!(d.str("denied_by").as_deref(), Some("credits"));
+    assert_eq!(d.retry_after_ms(), -1);
+    assert_eq!(standing(&mut con), (6, 1, 30));
+    assert_eq!(digest(&mut con), before);
+    // Admitted again, taking the balance to 0.
+    let d = call(&mut con, "r4", "10", "6");
+    assert!(d.allowed(), "{:?}", d.fields);
+    assert_eq!(standing(&mut con), (0, 2, 40));
+    // The first key denies (its 2 a day are used): the org and the credits keep theirs.
+    assert_eq!(int(&mut con, &["RL.CREDITS.GRANT", CREDITS, "5"]), 5);
+    let before = digest(&mut con);
+    let d = call(&mut con, "r5", "1", "1");
+    assert!(!d.allowed());
+    assert_eq!(d.str("denied_key").as_deref(), Some(USER));
+    assert_eq!(d.str("denied_by").as_deref(), Some("rpd"));
+    assert_eq!(standing(&mut con), (5, 2, 40));
+    assert_eq!(digest(&mut con), before);
+    // Only the admitted calls deducted: the denied ids have nothing to refund.
+    for id in ["r2", "r3", "r5"] {
+        assert_eq!(
+            run(&mut con, &["RL.CREDITS.REFUND", CREDITS, id]),
+            Value::Array(vec![Value::Int(0), Value::Int(5)]),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        run(&mut con, &["RL.CREDITS.REFUND", CREDITS, "r1"]),
+        Value::Array(vec![Value::Int(4), Value::Int(9)])
+    );
+}
+
+#[test]
+fn an_also_or_credits_key_outside_the_callers_acl_is_noperm_and_charges_nothing() {
+    let server = Server::start();
+    let mut admin = server.client();
+    int(&mut admin, &["RL.PLAN.SET", "p", "rpd", "fixed 10/1d"]);
+    int(
+        &mut admin,
+        &["RL.PLAN.SET", "orgplan", "spend", "fixed 100/1d"],
+    );
+    run(
+        &mut admin,
+        &[
+            "ACL",
+            "SETUSER",
+            "app",
+            "on",
+            ">pw",
+            "~{acme}:user:*",
+            "+@all",
+        ],
+    );
+    // State on both levels, so "nothing charged" compares usage, not existence.
+    assert!(decision(
+        &mut admin,
+        &[
+            "RL.ACQUIRE",
+            "{acme}:user:1",
+            "p",
+            "1",
+            "ALSO",
+            "1",
+            ORG,
+            "orgplan"
+        ]
+    )
+    .allowed());
+    int(&mut admin, &["RL.CREDITS.GRANT", "{acme}:credits", "10"]);
+    let mut app = server.client();
+    run(&mut app, &["AUTH", "app", "pw"]);
+    // Its own key alone: allowed.
+    assert!(decision(&mut app, &["RL.ACQUIRE", "{acme}:user:1", "p", "1"]).allowed());
+    let before = digest(&mut admin);
+    let noperm = "NOPERM this user has no permissions to access one of the keys used as arguments";
+    for args in [
+        &[
+            "RL.ACQUIRE",
+            "{acme}:user:1",
+            "p",
+            "1",
+            "ALSO",
+            "1",
+            ORG,
+            "orgplan",
+        ][..],
+        &[
+            "RL.PEEK",
+            "{acme}:user:1",
+            "p",
+            "1",
+            "ALSO",
+            "1",
+            ORG,
+            "orgplan",
+        ],
+        &[
+            "RL.ACQUIRE",
+            "{acme}:user:1",
+            "p",
+            "1",
+            "CREDITS",
+            "{acme}:credits",
+            "1",
+        ],
+    ] {
+        assert_eq!(err(&mut app, args), noperm, "{args:?}");
+    }
+    assert_eq!(digest(&mut admin), before, "nothing charged");
+    assert_eq!(used(&mut admin, "{acme}:user:1", "p", "rpd"), 2);
+    assert_eq!(used(&mut admin, ORG, "orgplan", "spend"), 1);
+    assert_eq!(
+        int(&mut admin, &["RL.CREDITS.BALANCE", "{acme}:credits"]),
+        10
+    );
+}
