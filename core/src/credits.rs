@@ -1167,6 +1167,82 @@ mod tests {
         assert_eq!(delta.into_new().as_ref(), Some(&c));
     }
 
+    /// docs/operating.md, "Clocks", for credits: a call at `clock` is decided at
+    /// `max(clock, the key's latest instant)`.
+    #[test]
+    fn clock_steps_expire_blocks_as_the_operating_guide_documents() {
+        // What a call at `clock` sees (as RL.CREDITS.BALANCE computes it).
+        let seen = |c: &Credits, clock: u64| c.balance(c.effective_now(clock));
+        let live = |c: &Credits, clock: u64| -> Vec<(String, u64)> {
+            c.live_blocks(c.effective_now(clock))
+                .map(|(id, left, ..)| (String::from_utf8_lossy(id).into(), left))
+                .collect()
+        };
+        // At 1_000 the key holds A (expires at 10_000), B (30_000) and C (never).
+        let mut c = Credits::new();
+        assert_eq!(grant(&mut c, 5, Some(10_000), Some("A"), 1_000), Ok(5));
+        assert_eq!(grant(&mut c, 7, Some(30_000), Some("B"), 1_000), Ok(12));
+        assert_eq!(grant(&mut c, 1, None, Some("C"), 1_000), Ok(13));
+
+        // Forward by d = 28_999: A falls due within d and expires at once; B, which a
+        // correct clock keeps 29_000 ms more (longer than d), is kept.
+        let mut ahead = c.clone();
+        assert_eq!(
+            deduct(&mut ahead, 1, false, Some("r1"), 1_000 + 28_999),
+            (1, 7)
+        );
+        assert_eq!(live(&ahead, 29_999), [("B".into(), 6), ("C".into(), 1)]);
+        // Forward by exactly B's 29_000: B goes when the clock reads its expiry.
+        let mut further = c.clone();
+        assert_eq!(seen(&further, 29_999), 8, "B is live at 29_999");
+        assert_eq!(deduct(&mut further, 1, false, None, 30_000), (1, 0));
+        assert_eq!(live(&further, 30_000), []);
+
+        // The clock comes back to the correct reading: the key touched while ahead
+        // keeps 29_999 and waits for it. A does not come back; B holds (and is spent
+        // first) until the clock reads 30_000.
+        assert_eq!(seen(&ahead, 1_001), 7);
+        assert_eq!(deduct(&mut ahead, 1, false, Some("r2"), 1_002), (1, 6));
+        assert_eq!(live(&ahead, 1_002), [("B".into(), 5), ("C".into(), 1)]);
+        // Time stands still at 29_999: a block expiring before it would already be
+        // expired, and TTLs count from it.
+        assert_eq!(
+            grant(&mut ahead, 1, Some(20_000), None, 1_003),
+            Err(CreditsError::AlreadyExpired)
+        );
+        assert_eq!(seen(&ahead, 29_998), 6);
+        assert_eq!(seen(&ahead, 29_999), 6);
+        assert_eq!(
+            seen(&ahead, 30_000),
+            1,
+            "B goes when the clock reads 30_000"
+        );
+        assert_eq!(deduct(&mut ahead, 2, false, None, 30_000), (0, 1));
+
+        // Back by d, for a key touched before the step: X (expired at 52_000) went at
+        // 55_000 and does not come back; Y (60_000) does not expire until the clock
+        // catches up.
+        let mut k = Credits::new();
+        assert_eq!(grant(&mut k, 4, Some(52_000), Some("X"), 50_000), Ok(4));
+        assert_eq!(grant(&mut k, 3, Some(60_000), Some("Y"), 50_000), Ok(7));
+        assert_eq!(deduct(&mut k, 1, false, None, 55_000), (1, 2));
+        assert_eq!(seen(&k, 40_000), 2, "never more than at 55_000");
+        assert_eq!(deduct(&mut k, 3, false, None, 40_000), (0, 2));
+        assert_eq!(deduct(&mut k, 1, false, None, 40_000), (1, 1));
+        assert_eq!(
+            grant(&mut k, 1, Some(54_000), None, 40_000),
+            Err(CreditsError::AlreadyExpired)
+        );
+        assert_eq!(seen(&k, 59_999), 1);
+        assert_eq!(seen(&k, 60_000), 0);
+        // A key first touched after the step runs on the clock as it is.
+        let mut fresh = Credits::new();
+        assert_eq!(grant(&mut fresh, 2, Some(45_000), None, 40_000), Ok(2));
+        assert_eq!(deduct(&mut fresh, 1, false, None, 41_000), (1, 1));
+        assert_eq!(seen(&fresh, 44_999), 1);
+        assert_eq!(seen(&fresh, 45_000), 0);
+    }
+
     #[test]
     fn emptied_blocks_kept_for_refunds_are_skipped_and_refilled() {
         let mut c = Credits::new();

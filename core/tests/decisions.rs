@@ -514,3 +514,62 @@ fn a_fallback_that_concurrent_changes_made_count_a_limit_in_another_unit_is_not_
     );
     assert_eq!(&*r.plan().name, "ua");
 }
+
+/// docs/operating.md, "Clocks", for leases: a call is decided at `max(clock, the
+/// subject's latest instant)`.
+#[test]
+fn leases_follow_clock_steps_as_the_operating_guide_documents() {
+    let mut h = Harness::new(T);
+    h.plan("p", &[("jobs", "concurrency 2 ttl 10s")]);
+    assert!(h.acquire("p", 1).allowed(), "a: expires at T + 10 s");
+    h.set_clock(T + 4_000);
+    assert!(h.acquire("p", 1).allowed(), "b: expires at T + 14 s");
+    assert!(!h.acquire("p", 1).allowed());
+
+    // Back by a minute: time stands still at T + 4 s for this subject, so no lease
+    // expires until the clock catches up with a's expiry.
+    h.set_clock(T - MS_PER_MINUTE);
+    let r = h.acquire("p", 1);
+    assert!(!r.allowed());
+    assert_eq!(r.decision.parts[0].now, T + 4_000);
+    h.set_clock(T + 9_999);
+    assert!(!h.acquire("p", 1).allowed());
+    h.set_clock(T + 10_000);
+    assert!(
+        h.acquire("p", 1).allowed(),
+        "c: a expired; c expires at T + 20 s"
+    );
+
+    // Forward by d = 5 s (to T + 15 s instead of T + 10 s): b, due within d, expires
+    // at once and frees its slot early; c, which a correct clock keeps 10 s more
+    // (longer than d), is kept.
+    h.set_clock(T + 15_000);
+    assert!(h.acquire("p", 1).allowed(), "d: took b's slot");
+    assert!(!h.acquire("p", 1).allowed(), "c and d hold");
+
+    // The clock comes back to the correct reading: the subject touched while ahead
+    // keeps T + 15 s and waits for it; c still expires when the clock reads T + 20 s.
+    h.set_clock(T + 10_001);
+    let r = h.acquire("p", 1);
+    assert!(!r.allowed());
+    assert_eq!(r.decision.parts[0].now, T + 15_000);
+    h.set_clock(T + 19_999);
+    assert!(!h.acquire("p", 1).allowed());
+    h.set_clock(T + 20_000);
+    assert!(h.acquire("p", 1).allowed(), "c expired");
+
+    // A subject first touched after a step back runs on the clock as it is.
+    h.subject = None;
+    h.set_clock(T - MS_PER_MINUTE);
+    let r = h.acquire("p", 1);
+    assert!(r.allowed());
+    assert_eq!(r.decision.parts[0].now, T - MS_PER_MINUTE);
+    assert!(h.acquire("p", 1).allowed());
+    h.set_clock(T - MS_PER_MINUTE + 9_999);
+    assert!(!h.acquire("p", 1).allowed());
+    h.set_clock(T - MS_PER_MINUTE + 10_000);
+    assert!(
+        h.acquire("p", 1).allowed(),
+        "its leases expire by the clock"
+    );
+}
