@@ -14,5 +14,6 @@ mod harness;
 
 mod basics;
 mod cluster;
+mod observability;
 mod ops;
 mod semantics;
