@@ -12,6 +12,7 @@
 
 mod harness;
 
+mod algorithms;
 mod basics;
 mod cluster;
 mod observability;
