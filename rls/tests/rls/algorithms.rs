@@ -45,7 +45,7 @@ descriptors:
         request("b", vec![with_hits(desc(&[("burst", "x")]), 0)]),
     )
     .await;
-    let reset = r.statuses[0].duration_until_reset.clone().unwrap();
+    let reset = r.statuses[0].duration_until_reset.unwrap();
     assert!(
         (6..=8).contains(&reset.seconds),
         "time to full: 4 tokens at 2 s each, one partly refilled: {reset:?}"
