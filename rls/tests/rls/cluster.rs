@@ -111,3 +111,78 @@ async fn tenant_keys_share_a_slot_and_failover_is_survived() {
     let r = ask(&mut c, tenant("acme", "u2")).await;
     assert!(ok(&r), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_in_another_slot_never_over_admits_under_concurrency() {
+    let cluster = Cluster::start();
+    let rls = Rls::start(&cluster.seeds(), CONFIG, &["--cluster"]);
+    let global = "rls:c:global_all";
+    let org_key = |n: usize| format!("rls:{{org{n}}}:c:org_org{n}");
+    // Every request spans two slots, most of them two nodes.
+    let slot = |k: &str| tollgate_rls::backend::slot(k.as_bytes());
+    assert!((0..10).all(|n| slot(&org_key(n)) != slot(global)));
+    assert!((0..10).any(|n| cluster.primary_for(&org_key(n)) != cluster.primary_for(global)));
+    let req = |n: usize| {
+        request(
+            "c",
+            vec![
+                desc(&[("org", &format!("org{n}"))]),
+                desc(&[("global", "all")]),
+            ],
+        )
+    };
+    // 16 streams, 64 requests for a global limit of 30: each admission was checked
+    // against both limits, each denial refunded what its other slot charged.
+    let mut tasks = Vec::new();
+    for t in 0..16usize {
+        let mut c = rls.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = [0u32; 10];
+            for i in 0..4 {
+                let n = (t * 4 + i) % 10;
+                if ok(&ask(&mut c, req(n)).await) {
+                    admitted[n] += 1;
+                }
+            }
+            admitted
+        }));
+    }
+    let mut per_org = [0u32; 10];
+    for t in tasks {
+        for (n, a) in t.await.unwrap().into_iter().enumerate() {
+            per_org[n] += a;
+        }
+    }
+    let concurrent: u32 = per_org.iter().sum();
+    assert!(concurrent <= 30, "over-admitted: {concurrent} > 30");
+    let used = |key: &str, plan: &str| {
+        usage_used(&cluster.nodes[cluster.primary_for(key)], key, plan, "rate")
+    };
+    assert_eq!(
+        used(global, "rls:c:global"),
+        i64::from(concurrent),
+        "the global counter holds exactly the admissions"
+    );
+    for (n, &a) in per_org.iter().enumerate() {
+        assert_eq!(
+            used(&org_key(n), "rls:c:org"),
+            i64::from(a),
+            "org{n}: charged only for admitted requests (denials refunded)"
+        );
+    }
+    // Nothing leaked: what the concurrent phase under-admitted (requests in flight
+    // seeing each other's charges before their refunds) is still there to take, and
+    // no more.
+    let mut c = rls.client().await;
+    let mut more = 0;
+    while ok(&ask(&mut c, req(more as usize % 10)).await) {
+        more += 1;
+        assert!(concurrent + more <= 30, "over-admitted sequentially");
+    }
+    assert_eq!(
+        concurrent + more,
+        30,
+        "concurrent {concurrent} + sequential {more}"
+    );
+    assert_eq!(used(global, "rls:c:global"), 30);
+}
