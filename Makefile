@@ -53,10 +53,11 @@ cluster-stop: ## Stop the cluster `make cluster` started
 
 test: deps valkey build test-scripts ## Run every test: scripts, unit, property, and integration against real servers
 	$(CARGO) test --workspace --no-fail-fast
+	@# --workspace: the features `cargo test --workspace` built with, so nothing recompiles.
 	@vk=$$(scripts/find-valkey.sh); \
 	if [ -n "$$vk" ]; then \
 		echo "== integration suite against $$vk"; \
-		TOLLGATE_SERVER="$$vk" $(CARGO) test --test integration; \
+		TOLLGATE_SERVER="$$vk" $(CARGO) test --workspace --test integration; \
 	else \
 		echo "== valkey-server not found (make valkey installs it into .venv): integration suite ran against redis-server only"; \
 	fi
