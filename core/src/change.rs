@@ -491,38 +491,15 @@ mod tests {
         let (plans, mut interner) = plans();
         let (mut primary, mut replica) = (None, None);
         let t = 1_000_000;
-        step(
-            &plans,
-            &mut interner,
-            &mut primary,
-            &mut replica,
-            t,
-            Some(b"a"),
-        );
-        step(
-            &plans,
-            &mut interner,
-            &mut primary,
-            &mut replica,
-            t + 5,
-            None,
-        );
-        step(
-            &plans,
-            &mut interner,
-            &mut primary,
-            &mut replica,
-            t + 20_000,
-            None,
-        );
-        step(
-            &plans,
-            &mut interner,
-            &mut primary,
-            &mut replica,
-            t + 70_000,
-            Some(b"b"),
-        );
+        let steps: [(u64, Option<&[u8]>); 4] = [
+            (t, Some(b"a".as_slice())),
+            (t + 5, None),
+            (t + 20_000, None),
+            (t + 70_000, Some(b"b".as_slice())),
+        ];
+        for (at, id) in steps {
+            step(&plans, &mut interner, &mut primary, &mut replica, at, id);
+        }
         let subject = primary.as_ref().unwrap_or_else(|| unreachable!());
         let (_, change) = decide::settle(Some(subject), b"b", &[("token", 3)], t + 71_000)
             .unwrap_or_else(|e| unreachable!("{e:?}"));

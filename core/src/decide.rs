@@ -879,8 +879,9 @@ pub fn uncounted_unit<'a, 'p>(
     })
 }
 
-/// How `subject` stands under `plan` now (`RL.USAGE`): every limit that applies to
-/// `endpoint`, charging and assuming nothing (concurrency: the leases held).
+/// How `subject` stands under `plan` now (`RL.USAGE`, and the limits of an
+/// `RL.RELEASE` reply): every limit that applies to `endpoint` (all without one),
+/// charging and assuming nothing (concurrency: the leases held).
 pub fn usage(
     plan: &Arc<Plan>,
     subject: Option<&Subject>,
@@ -1303,13 +1304,6 @@ pub fn settle(
         },
         change,
     ))
-}
-
-/// How every limit of `plan` stands for `subject` at `now`, charging nothing (the
-/// limits part of an `RL.RELEASE` reply).
-pub fn report(plan: &Arc<Plan>, subject: Option<&Subject>, now: u64) -> Outcomes {
-    let now = subject.map_or(now, |s| s.effective_now(now));
-    standing(plan, subject, None, true, now)
 }
 
 /// Extends live request `id` to expire `ttl_ms` from now. Returns the new expiry and

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use tollgate_core::change::Change;
 use tollgate_core::decide::{self, Part};
 use tollgate_core::keyslot::key_slot;
-use tollgate_core::limits::Admission;
 use tollgate_core::plan::Plans;
 use tollgate_core::subject::Subject;
 
@@ -65,15 +64,9 @@ fn open_links(ctx: &Ctx, first: RawString, links: &[Box<[u8]>]) -> Result<Vec<Li
 
 /// How a plan's limits stand after a release (`None` if the plan is gone).
 fn report(plans: &Plans, plan: &str, subject: Option<&Subject>, now: u64) -> Option<Part> {
-    plans.get(plan).map(|plan| Part {
-        plan: Arc::clone(plan),
-        hops: 0,
-        now,
-        admission: Admission::Now,
-        denied_by: None,
-        admitted: true,
-        outcomes: decide::report(plan, subject, now),
-    })
+    plans
+        .get(plan)
+        .map(|plan| decide::usage(plan, subject, None, now))
 }
 
 /// `RL.RELEASE key request-id [COST unit actual ...]` → `{released, plan, limits[,
