@@ -12,17 +12,13 @@ use crate::server::Ctx;
 use crate::state::{State, STATE};
 use crate::store::{open, write_subject};
 
-fn busy(e: &str) -> CmdError {
-    CmdError::err(e)
-}
-
 /// `RL.ACQUIRE key plan [units] [COST ...] [ENDPOINT e] [ID id] [TTL ms] [WAIT ms
 /// [PRIORITY p]] [CREDITS key n] [COMPACT] [ALSO count key plan ...]`
 pub fn acquire(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let parsed = parse_call(&args, Accept::Acquire, crate::config::max_also())?;
     STATE
         .with(|state| run_call(ctx, state, &parsed, true))
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }
 
 /// `RL.PEEK key plan [units] [COST ...] [ENDPOINT e] [COMPACT] [ALSO ...]`
@@ -30,7 +26,7 @@ pub fn peek(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let parsed = parse_call(&args, Accept::Peek, crate::config::max_also())?;
     STATE
         .with(|state| run_call(ctx, state, &parsed, false))
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }
 
 fn run_call(ctx: &Ctx, state: &mut State, parsed: &CallArgs<'_>, charge: bool) -> CmdResult {
@@ -67,7 +63,7 @@ pub fn usage(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             reply::usage(ctx, &part);
             Ok(())
         })
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }
 
 /// `RL.THROTTLE key max_burst count period [quantity]`: redis-cell's `CL.THROTTLE`.
@@ -138,5 +134,5 @@ pub fn throttle(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             }
             Ok(())
         })
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }

@@ -9,10 +9,6 @@ use crate::server::Ctx;
 use crate::state::STATE;
 use crate::store::{open, write_subject};
 
-fn busy(e: &str) -> CmdError {
-    CmdError::err(e)
-}
-
 /// `RL.ASSIGN key [plan]`: sets the subject's plan (OK), or shows it (nil if none).
 pub fn assign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     if args.len() != 2 && args.len() != 3 {
@@ -42,7 +38,7 @@ pub fn assign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             ctx.reply_simple(c"OK");
             Ok(())
         })
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }
 
 /// `RL.UNASSIGN key` → 1 if the subject had an assigned plan, else 0.
@@ -67,5 +63,5 @@ pub fn unassign(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             ctx.reply_integer(i64::from(assigned));
             Ok(())
         })
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }

@@ -10,10 +10,6 @@ use crate::server::{Ctx, RawString};
 use crate::state::STATE;
 use crate::store::{open, write_credits};
 
-fn busy(e: &str) -> CmdError {
-    CmdError::err(e)
-}
-
 fn credits_error(e: CreditsError) -> CmdError {
     CmdError::err(e)
 }
@@ -48,7 +44,7 @@ fn write<R>(
     };
     STATE
         .with(|s| write_credits(ctx, &mut key, name, fresh, &touched, &mut s.payload))
-        .map_err(busy)??;
+        .map_err(CmdError::err)??;
     if touched != Touched::default() {
         // A grant or refund may let a waiting acquire go ahead.
         ctx.signal_ready(name);

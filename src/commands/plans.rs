@@ -8,10 +8,6 @@ use crate::plansync::{author, node_id, publish};
 use crate::server::Ctx;
 use crate::state::STATE;
 
-fn internal(e: &str) -> CmdError {
-    CmdError::err(e)
-}
-
 /// `RL.PLAN.SET plan limit spec [limit spec ...]` → fields added.
 pub fn set(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     if args.len() < 4 || !args.len().is_multiple_of(2) {
@@ -26,7 +22,7 @@ pub fn set(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let by = author(ctx, &origin);
     let (added, change) = STATE
         .with(|s| s.plans.set_by(by, plan, &pairs, &mut s.interner))
-        .map_err(internal)?
+        .map_err(CmdError::err)?
         .map_err(CmdError::err)?;
     publish(ctx, &change);
     ctx.reply_integer(added as i64);
@@ -50,7 +46,7 @@ pub fn get(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             }
             None => ctx.reply_map(0),
         })
-        .map_err(internal)
+        .map_err(CmdError::err)
 }
 
 /// `RL.PLAN.DEL plan [limit ...]` → plans or fields removed.
@@ -66,7 +62,7 @@ pub fn del(ctx: &Ctx, args: Args<'_>) -> CmdResult {
     let by = author(ctx, &origin);
     let (removed, change) = STATE
         .with(|s| s.plans.delete_by(by, plan, &fields, &mut s.interner))
-        .map_err(internal)?
+        .map_err(CmdError::err)?
         .map_err(CmdError::err)?;
     if let Some(change) = change {
         publish(ctx, &change);
@@ -88,7 +84,7 @@ pub fn list(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                 ctx.reply_bulk(name.as_bytes());
             }
         })
-        .map_err(internal)
+        .map_err(CmdError::err)
 }
 
 /// `RL.PLAN.DEFAULT [plan]`: sets the default plan `*` falls back to (OK), or shows it.
@@ -99,7 +95,7 @@ pub fn default(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                 Some(plan) => ctx.reply_bulk(plan.as_bytes()),
                 None => ctx.reply_null(),
             })
-            .map_err(internal),
+            .map_err(CmdError::err),
         2 => {
             let plan = args.name(1, "plan")?;
             let origin = node_id(ctx);
@@ -113,7 +109,7 @@ pub fn default(ctx: &Ctx, args: Args<'_>) -> CmdResult {
                         .set_default_by(by, Some(plan))
                         .map_err(CmdError::err)
                 })
-                .map_err(internal)??;
+                .map_err(CmdError::err)??;
             publish(ctx, &change);
             ctx.reply_simple(c"OK");
             Ok(())

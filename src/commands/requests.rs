@@ -20,10 +20,6 @@ use crate::server::{bytes_of, Ctx, HeldString, Key, KeyKind, RawString};
 use crate::state::STATE;
 use crate::store::{open, write_subject};
 
-fn busy(e: &str) -> CmdError {
-    CmdError::err(e)
-}
-
 /// A linked key this call reaches, opened.
 struct Link {
     name: HeldString,
@@ -127,7 +123,7 @@ pub fn release(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             }
             Ok(())
         })
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }
 
 /// `RL.TOUCH key request-id ttl-ms` → 1 if the live request (and those the same call
@@ -190,5 +186,5 @@ pub fn touch(ctx: &Ctx, args: Args<'_>) -> CmdResult {
             ctx.reply_integer(1);
             Ok(())
         })
-        .map_err(busy)?
+        .map_err(CmdError::err)?
 }
