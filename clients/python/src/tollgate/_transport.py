@@ -71,6 +71,27 @@ def _needs_command_name(pool: Any) -> bool:
     return found
 
 
+def _get_connection(pool: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """`pool.get_connection` for `commands` (awaitable for an asyncio pool)."""
+    if _needs_command_name(pool):
+        return pool.get_connection(commands[0][0])
+    return pool.get_connection()
+
+
+def call(client: Any, args: Sequence[Any], idempotent: bool) -> Any:
+    """`args` on `client`: with redis-py's retries when `idempotent`, else sent once."""
+    if idempotent:
+        return client.execute_command(*args)
+    return send_once(client, [args])
+
+
+async def call_async(client: Any, args: Sequence[Any], idempotent: bool) -> Any:
+    """`call` for a `redis.asyncio.Redis`."""
+    if idempotent:
+        return await client.execute_command(*args)
+    return await send_once_async(client, [args])
+
+
 def send_once(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
     """Send `commands` (pipelined, on one connection of `client`) and return
     the last reply, with no automatic retry: a lost connection or a timeout
@@ -82,10 +103,7 @@ def send_once(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
         with getattr(client, "single_connection_lock", None) or contextlib.nullcontext():
             return _exchange(client, single, commands)
     pool = client.connection_pool
-    if _needs_command_name(pool):
-        conn = pool.get_connection(commands[0][0])
-    else:
-        conn = pool.get_connection()
+    conn = _get_connection(pool, commands)
     try:
         return _exchange(client, conn, commands)
     finally:
@@ -127,10 +145,7 @@ async def send_once_async(client: Any, commands: Sequence[Sequence[Any]]) -> Any
         async with lock:
             return await _exchange_async(client, single, commands)
     pool = client.connection_pool
-    if _needs_command_name(pool):
-        conn = await pool.get_connection(commands[0][0])
-    else:
-        conn = await pool.get_connection()
+    conn = await _get_connection(pool, commands)
     try:
         return await _exchange_async(client, conn, commands)
     finally:
@@ -188,15 +203,12 @@ class SyncTransport:
     # -- standalone and cluster entry points -----------------------------------
     def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
-            if idempotent:
-                return self.client.execute_command(*args)
-            return send_once(self.client, [args])
+            return call(self.client, args, idempotent)
         return self._cluster(key, args, idempotent, wait=False)
 
     def keyed_wait(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
-            client = self._wait_client("", self.client.connection_pool)
-            return client.execute_command(*args) if idempotent else send_once(client, [args])
+            return call(self._wait_client("", self.client.connection_pool), args, idempotent)
         return self._cluster(key, args, idempotent, wait=True)
 
     def any(self, args: Sequence[Any]) -> Any:
@@ -238,9 +250,7 @@ class SyncTransport:
             if wait:
                 node_client = self._wait_client(node.name, node_client.connection_pool)
             try:
-                if idempotent:
-                    return node_client.execute_command(*args)
-                return send_once(node_client, [args])
+                return call(node_client, args, idempotent)
             except _REDIRECTS as exc:
                 last = exc
             except rex.AskError as exc:
@@ -327,18 +337,14 @@ class AsyncTransport:
 
     async def keyed(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
-            if idempotent:
-                return await self.client.execute_command(*args)
-            return await send_once_async(self.client, [args])
+            return await call_async(self.client, args, idempotent)
         return await self._cluster(key, args, idempotent, wait=False)
 
     async def keyed_wait(self, key: Any, args: Sequence[Any], *, idempotent: bool = False) -> Any:
         if not self.cluster:
             pool = self.client.connection_pool
             client = self._wait_client("", pool.connection_class, pool.connection_kwargs)
-            if idempotent:
-                return await client.execute_command(*args)
-            return await send_once_async(client, [args])
+            return await call_async(client, args, idempotent)
         return await self._cluster(key, args, idempotent, wait=True)
 
     async def any(self, args: Sequence[Any]) -> Any:
@@ -376,11 +382,8 @@ class AsyncTransport:
             node = self.client.nodes_manager.get_node_from_slot(slot)
             try:
                 if wait:
-                    kwargs = dict(node.connection_kwargs)
-                    client = self._wait_client(node.name, node.connection_class, kwargs)
-                    if idempotent:
-                        return await client.execute_command(*args)
-                    return await send_once_async(client, [args])
+                    client = self._wait_client(node.name, node.connection_class, node.connection_kwargs)
+                    return await call_async(client, args, idempotent)
                 # A cluster node's own execute_command sends once (no Retry).
                 return await node.execute_command(*args)
             except _REDIRECTS as exc:
@@ -403,7 +406,7 @@ class AsyncTransport:
             node = self.client.nodes_manager.get_node(ask.host, ask.port)
             if node is None:
                 raise ask
-        client = self._wait_client(node.name, node.connection_class, dict(node.connection_kwargs))
+        client = self._wait_client(node.name, node.connection_class, node.connection_kwargs)
         return await send_once_async(client, [("ASKING",), args])
 
     async def _on_primaries(self, args: Sequence[Any], every: bool) -> List[Any]:
