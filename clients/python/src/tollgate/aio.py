@@ -10,7 +10,7 @@ from . import _protocol as p
 from ._transport import AsyncTransport
 from ._types import CreditBlock, Decision, Deduction, Refund, Release, Usage
 from .errors import Denied
-from .limiter import lease_ttl_ms, new_request_id
+from .limiter import heartbeat_interval_ms, lease_ttl_ms, new_request_id
 
 Key = Union[str, bytes]
 
@@ -292,7 +292,7 @@ class AsyncReservation:
             raise Denied(decision)
         self.decision = decision
         ttl = lease_ttl_ms(decision, kwargs.get("ttl_ms"))
-        interval = self._heartbeat_ms if self._heartbeat_ms is not None else max(ttl // 3, 1)
+        interval = heartbeat_interval_ms(ttl, self._heartbeat_ms)
         if interval:
             self._task = asyncio.ensure_future(self._beat(interval, ttl))
         return self

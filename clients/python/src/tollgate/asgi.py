@@ -61,7 +61,7 @@ from .aio import AsyncLimiter
 from .costs import LLMCosts
 from .errors import is_unavailable
 from .headers import retry_hint_ms
-from .limiter import lease_ttl_ms
+from .limiter import heartbeat_interval_ms, lease_ttl_ms
 
 logger = logging.getLogger("tollgate")
 T = TypeVar("T")
@@ -371,9 +371,10 @@ class TollgateMiddleware:
                 state["status"] = message["status"]
                 content_type = content_encoding = ""
                 for k, v in message.get("headers", ()):
-                    if k.lower() == b"content-type":
+                    field = k.lower()
+                    if field == b"content-type":
                         content_type = v.decode("latin-1").lower()
-                    elif k.lower() == b"content-encoding":
+                    elif field == b"content-encoding":
                         content_encoding = v.decode("latin-1")
                 state["usage"] = _Usage(content_type, content_encoding)
                 message = dict(message)
@@ -404,7 +405,7 @@ class TollgateMiddleware:
 
     def _heartbeat(self, subject: Subject, decision: Decision) -> Optional["_Heartbeat"]:
         ttl = lease_ttl_ms(decision, self.ttl_ms)
-        interval = self.heartbeat_ms if self.heartbeat_ms is not None else max(ttl // 3, 1)
+        interval = heartbeat_interval_ms(ttl, self.heartbeat_ms)
         if not interval or decision.id is None:
             return None
         return _Heartbeat(self.limiter, subject.key, decision.id, interval, ttl)

@@ -263,7 +263,7 @@ class Reservation:
             raise Denied(decision)
         self.decision = decision
         ttl = lease_ttl_ms(decision, kwargs.get("ttl_ms"))
-        interval = self._heartbeat_ms if self._heartbeat_ms is not None else max(ttl // 3, 1)
+        interval = heartbeat_interval_ms(ttl, self._heartbeat_ms)
         if interval:
             self._thread = threading.Thread(target=self._beat, args=(interval, ttl), daemon=True)
             self._thread.start()
@@ -317,6 +317,12 @@ def lease_ttl_ms(decision: Decision, ttl_ms: Optional[int]) -> int:
         return ttl_ms
     resets = [lim.reset_ms for lim in decision.all_limits() if lim.kind == "concurrency"]
     return max(resets) if resets else DEFAULT_TTL_MS
+
+
+def heartbeat_interval_ms(ttl_ms: int, heartbeat_ms: Optional[int]) -> int:
+    """How often a lease of `ttl_ms` is touched: `heartbeat_ms` when given (0:
+    never), else a third of the time to live."""
+    return heartbeat_ms if heartbeat_ms is not None else max(ttl_ms // 3, 1)
 
 
 #: The server's default lease/reservation time to live (`tollgate.default-ttl-ms`).
