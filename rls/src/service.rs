@@ -149,6 +149,12 @@ fn clamp_u32(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
+/// Whether deciding `group` charges anything (and so runs under an id): a
+/// reservation was asked for, or some pair has a cost.
+fn charges(group: &[Pair], reserve: Option<(&str, u64)>) -> bool {
+    reserve.is_some() || group.iter().any(|p| p.cost > 0)
+}
+
 fn random_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -519,21 +525,24 @@ impl Service {
         group: &[Pair],
         id: Option<(&str, u64)>,
     ) -> Result<Outcome, CallError> {
-        let peek = id.is_none() && group.iter().all(|p| p.cost == 0);
-        let cmd = self.acquire_cmd(group, id, peek);
-        let v = self.redis.query(&cmd).await?;
-        let d = Decision::parse(&v)
-            .ok_or_else(|| CallError::Reply(format!("unexpected reply {v:?}")))?;
-        Ok(self.outcome(group, &d))
+        let peek = !charges(group, id);
+        self.query_outcome(group, &self.acquire_cmd(group, id, peek))
+            .await
     }
 
     /// What one pair would get, charging nothing (`RL.PEEK`).
     async fn peek_one(&self, pair: &Pair) -> Result<Outcome, CallError> {
         let g = std::slice::from_ref(pair);
-        let v = self.redis.query(&self.acquire_cmd(g, None, true)).await?;
+        self.query_outcome(g, &self.acquire_cmd(g, None, true))
+            .await
+    }
+
+    /// Runs an `RL.ACQUIRE`/`RL.PEEK` of `group` and reads what each pair got.
+    async fn query_outcome(&self, group: &[Pair], cmd: &Cmd) -> Result<Outcome, CallError> {
+        let v = self.redis.query(cmd).await?;
         let d = Decision::parse(&v)
             .ok_or_else(|| CallError::Reply(format!("unexpected reply {v:?}")))?;
-        Ok(self.outcome(g, &d))
+        Ok(self.outcome(group, &d))
     }
 
     /// Each pair peeked on its own: its limits and whether it is over.
@@ -636,16 +645,11 @@ impl Service {
     ) -> Result<Vec<Outcome>, CallError> {
         let generated = random_id();
         let id = reserve.unwrap_or((generated.as_str(), 10_000));
-        let results = join_all(groups.iter().map(|g| {
-            let charge = reserve.is_some() || g.iter().any(|p| p.cost > 0);
-            async move {
-                if charge {
-                    self.call_unit(g, Some(id)).await
-                } else {
-                    self.call_unit(g, None).await
-                }
-            }
-        }))
+        let results = join_all(
+            groups
+                .iter()
+                .map(|g| self.call_unit(g, charges(g, reserve).then_some(id))),
+        )
         .await;
         let mut outcomes = Vec::new();
         for r in results {
@@ -655,7 +659,7 @@ impl Service {
         let releases: Vec<Cmd> = groups
             .iter()
             .zip(&outcomes)
-            .filter(|(g, o)| o.allowed && g.iter().any(|p| p.cost > 0 || reserve.is_some()))
+            .filter(|(g, o)| o.allowed && charges(g, reserve))
             .filter(|_| !all || reserve.is_none())
             .flat_map(|(g, _)| {
                 // Refund what a part charged (settle it at zero), or, when all were
@@ -721,13 +725,7 @@ impl Service {
     /// Decides one group of same-slot pairs in one atomic step: one call (with
     /// `ALSO` for several keys), or, on a server without `ALSO`, one script that peeks
     /// every key and acquires them all only if every one admits.
-    async fn call_unit(
-        &self,
-        g: &[Pair],
-        reserve: Option<(&str, u64)>,
-    ) -> Result<Outcome, CallError> {
-        let charge = reserve.is_some() || g.iter().any(|p| p.cost > 0);
-        let id = if charge { reserve } else { None };
+    async fn call_unit(&self, g: &[Pair], id: Option<(&str, u64)>) -> Result<Outcome, CallError> {
         if g.len() > 1 && !self.also_supported.load(Ordering::Relaxed) {
             return self.call_script(g, id).await;
         }
@@ -781,7 +779,7 @@ for i = 1, n do
   out[i] = redis.call(unpack(a))
 end
 return {1, out}";
-        let peek_only = id.is_none() && g.iter().all(|p| p.cost == 0);
+        let peek_only = !charges(g, id);
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(SCRIPT).arg(g.len());
         for p in g {
@@ -833,13 +831,9 @@ return {1, out}";
             return Ok((true, Vec::new()));
         }
         let groups = self.groups(pairs);
-        let outcomes = if groups.len() == 1 {
-            match groups.first() {
-                Some(g) => vec![self.call_unit(g, reserve).await?],
-                None => Vec::new(),
-            }
-        } else {
-            self.call_split(&groups, reserve).await?
+        let outcomes = match groups.as_slice() {
+            [g] => vec![self.call_unit(g, reserve).await?],
+            _ => self.call_split(&groups, reserve).await?,
         };
         let allowed = outcomes.iter().all(|o| o.allowed);
         let mut out = Vec::new();
