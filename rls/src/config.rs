@@ -231,6 +231,13 @@ impl Rule {
         fields
     }
 
+    /// The plans the rule needs, name → fields: its own and, for usage reports, its
+    /// [`Rule::usage_plan`].
+    pub fn plans(&self) -> impl Iterator<Item = (String, Vec<(String, String)>)> + '_ {
+        std::iter::once((self.plan.clone(), self.plan_fields()))
+            .chain(self.usage_plan().map(|u| (u, self.usage_plan_fields())))
+    }
+
     /// Whether the rule limits anything (not `unlimited`).
     pub fn limits(&self) -> bool {
         self.rate.is_some() || self.concurrency.is_some()
@@ -434,14 +441,11 @@ impl Config {
 
     /// The plans the config needs: plan name → fields.
     pub fn plans(&self) -> BTreeMap<String, Vec<(String, String)>> {
-        let mut plans = BTreeMap::new();
-        for rule in self.rules().iter().filter(|r| r.limits()) {
-            plans.insert(rule.plan.clone(), rule.plan_fields());
-            if let Some(usage_plan) = rule.usage_plan() {
-                plans.insert(usage_plan, rule.usage_plan_fields());
-            }
-        }
-        plans
+        self.rules()
+            .iter()
+            .filter(|r| r.limits())
+            .flat_map(|r| r.plans())
+            .collect()
     }
 
     pub fn domain(&self, name: &str) -> Option<&Domain> {

@@ -442,11 +442,7 @@ impl Service {
         if known {
             return Ok(());
         }
-        let mut plans = std::collections::BTreeMap::new();
-        plans.insert(rule.plan.clone(), rule.plan_fields());
-        if let Some(usage_plan) = rule.usage_plan() {
-            plans.insert(usage_plan, rule.usage_plan_fields());
-        }
+        let plans = rule.plans().collect();
         self.redis
             .sync_plans(&plans)
             .await
