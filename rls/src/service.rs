@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::backend::{slot, Redis};
 use crate::config::{
-    Algorithm, Config, Rate, Rule, TimeUnit, CONCURRENCY_LIMIT_NAME, RATE_LIMIT_NAME,
+    Algorithm, Config, DomainOptions, Rate, Rule, TimeUnit, CONCURRENCY_LIMIT_NAME, RATE_LIMIT_NAME,
 };
 use crate::metrics::Metrics;
 use crate::proto::envoy::config::core::v3::HeaderValue;
@@ -869,15 +869,17 @@ return {1, out}";
 
     /// Settles (or refunds part of) the reservation `id` made by the request path.
     async fn settle(&self, pairs: Vec<Pair>, items: &[Item], id: &str) -> Result<(), CallError> {
+        // A pair named by an `is_negative_hits` descriptor refunds part of its estimate.
+        let is_refund = |p: &Pair| {
+            p.items
+                .iter()
+                .any(|&i| items.get(i).is_some_and(|it| it.negative))
+        };
         for group in self.groups(pairs) {
             let Some(first) = group.first() else {
                 continue;
             };
-            let negative = group.iter().any(|p| {
-                p.items
-                    .iter()
-                    .any(|&i| items.get(i).is_some_and(|it| it.negative))
-            });
+            let negative = group.iter().any(is_refund);
             let estimates: HashMap<String, u64> = if negative {
                 let v = self
                     .redis
@@ -899,11 +901,7 @@ return {1, out}";
                 if p.rule.rate.is_none() {
                     continue;
                 }
-                let neg = p
-                    .items
-                    .iter()
-                    .any(|&i| items.get(i).is_some_and(|it| it.negative));
-                let actual = if neg {
+                let actual = if is_refund(p) {
                     match estimates.get(&p.rule.unit_id) {
                         Some(e) => e.saturating_sub(p.cost),
                         None => {
@@ -1030,10 +1028,10 @@ return {1, out}";
             ));
         }
         let config = self.config();
+        let no_options = DomainOptions::default();
         let options = config
             .domain(&req.domain)
-            .map(|d| d.options.clone())
-            .unwrap_or_default();
+            .map_or(&no_options, |d| &d.options);
         let mut reserve_id: Option<String> = None;
         let mut settle_id: Option<String> = None;
         let mut items: Vec<Item> = Vec::with_capacity(req.descriptors.len());
